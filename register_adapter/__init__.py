@@ -1,0 +1,50 @@
+"""register_adapter: register tokens for any Hugging Face vision transformer, as a PEFT method.
+
+Importing the package makes the ``REGISTERS`` PEFT type known to ``peft`` (``get_peft_model``,
+``PeftModel.from_pretrained``, ``AutoPeftModel``) and to transformers' ``add_adapter`` / ``load_adapter``.
+"""
+
+from .architectures import FamilySpec, VisionTower, find_vision_tower, register_family, supported_model_types
+from .config import REGISTERS, RegisterConfig
+from .errors import (
+    AdapterFilesError,
+    AdapterMismatchError,
+    DataError,
+    InvalidConfigError,
+    MergeNotSupportedError,
+    RegisterAdapterError,
+    UnsupportedModelError,
+)
+from .layer import RegisterLayer
+from .model import RegisterModel, add_registers, register_peft_type
+from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout
+
+__version__ = "0.1.0"
+
+register_peft_type()
+
+__all__ = [
+    "REGISTERS",
+    "AdapterFilesError",
+    "AdapterMismatchError",
+    "DataError",
+    "FamilySpec",
+    "InvalidConfigError",
+    "MergeNotSupportedError",
+    "RegisterAdapterError",
+    "RegisterConfig",
+    "RegisterLayer",
+    "RegisterModel",
+    "TokenGroups",
+    "TokenLayout",
+    "UnsupportedModelError",
+    "VisionTower",
+    "__version__",
+    "add_registers",
+    "find_vision_tower",
+    "register_family",
+    "register_peft_type",
+    "split_tokens",
+    "supported_model_types",
+    "token_layout",
+]

@@ -1,0 +1,95 @@
+"""Configuration of a register adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from .errors import InvalidConfigError
+
+INIT_METHODS = ("normal", "zeros", "scaled_randn")
+
+
+class RegisterPeftType(str):
+    """The PEFT type of register adapters.
+
+    PEFT's own types are members of a closed ``enum``; a third-party type only has to be a ``str`` that also has the
+    ``.value`` that transformers' ``PeftAdapterMixin`` reads.
+    """
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"<PeftType.{self}: {str(self)!r}>"
+
+
+REGISTERS = RegisterPeftType("REGISTERS")
+
+
+@dataclass
+class RegisterConfig(PeftConfig):
+    """Configuration of a register adapter (Darcet et al., "Vision Transformers Need Registers",
+    https://arxiv.org/abs/2309.16588).
+
+    Register tokens are inserted after the class token (and any distillation or native register tokens), before the
+    patch tokens, and get no position embedding. By default they are removed again before ``last_hidden_state``, the
+    pooler and every head, so the model's outputs keep their shapes.
+
+    Args:
+        num_register_tokens: Number of register tokens to add.
+        init: How to initialise them: ``"normal"`` (std 1e-6, as DINOv2 and timm), ``"zeros"`` (as transformers'
+            ``Dinov2WithRegisters``) or ``"scaled_randn"`` (``randn / sqrt(hidden_size)``, as PH-Reg).
+        strip_registers: Remove registers from ``last_hidden_state`` and everything computed from it.
+        method: How the registers were obtained (``"trained"``, ``"distilled"``, ``"test-time"``); for model cards.
+        family: The model family; filled in when the adapter is created and checked when it is loaded.
+        hidden_size: Width of the registers; filled in when the adapter is created and checked when it is loaded.
+        modules_to_save: Modules besides the registers that are trained and saved, e.g. ``["classifier"]``.
+
+    Example:
+
+    >>> from register_adapter import RegisterConfig
+    >>> RegisterConfig(num_register_tokens=4).peft_type
+    <PeftType.REGISTERS: 'REGISTERS'>
+    """
+
+    num_register_tokens: int = field(default=4, metadata={"help": "Number of register tokens to add."})
+    init: str = field(
+        default="normal",
+        metadata={"help": f"Initialisation of the register tokens, one of {', '.join(INIT_METHODS)}."},
+    )
+    strip_registers: bool = field(
+        default=True,
+        metadata={"help": "Remove the registers from last_hidden_state and everything computed from it."},
+    )
+    method: str = field(
+        default="trained",
+        metadata={"help": "How the registers were obtained (trained, distilled, test-time); shown in the model card."},
+    )
+    family: str | None = field(
+        default=None, metadata={"help": "Model family; filled in when the adapter is created."}
+    )
+    hidden_size: int | None = field(
+        default=None, metadata={"help": "Register width; filled in when the adapter is created."}
+    )
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "Path of the embeddings module to wrap; found automatically when left empty."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules besides the registers to train and save, e.g. a new classifier head."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = REGISTERS
+        count = self.num_register_tokens
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidConfigError(
+                f"num_register_tokens must be a positive int, got {count!r}. Papers use 4 (trained) or 16 (PH-Reg)."
+            )
+        if self.init not in INIT_METHODS:
+            raise InvalidConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}.")

@@ -1,0 +1,126 @@
+"""The tuner: finds the vision tower, wraps its embeddings, and registers the PEFT method."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import peft
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules
+from torch import nn
+from transformers.backbone_utils import BackboneMixin
+
+from .architectures import find_vision_tower
+from .config import REGISTERS, RegisterConfig
+from .errors import AdapterMismatchError, MergeNotSupportedError
+from .layer import MERGE_MESSAGE, RegisterLayer
+
+PREFIX = "register_tokens"
+
+
+class RegisterModel(BaseTuner):
+    """Adds register tokens to a vision transformer (https://arxiv.org/abs/2309.16588).
+
+    Created by ``peft.get_peft_model(model, RegisterConfig(...))`` or :func:`add_registers`; not used directly.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = RegisterLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: RegisterConfig, model_config: dict) -> RegisterConfig:
+        tower = find_vision_tower(self.model)
+        for field, found in (("family", tower.spec.name), ("hidden_size", tower.hidden_size)):
+            expected = getattr(peft_config, field)
+            if expected is not None and expected != found:
+                raise AdapterMismatchError(
+                    f"This adapter was made for {field}={expected!r}, but the model has {field}={found!r} "
+                    f"({type(self.model).__name__}). Load it into a model of the same family and size."
+                )
+        peft_config.family = tower.spec.name
+        peft_config.hidden_size = tower.hidden_size
+        embeddings_path = ".".join(p for p in (tower.path, tower.spec.embeddings) if p)
+        peft_config.target_modules = re.escape(embeddings_path)
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: RegisterConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, RegisterLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        tower = find_vision_tower(self.model)
+        is_backbone = isinstance(self.model, BackboneMixin)
+        new_module = RegisterLayer(target, adapter_name, peft_config, tower, is_backbone=is_backbone)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        setattr(parent, target_name, new_module)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Registers are cast to the dtype of the sequence in forward; keeping them as created avoids a bf16 model
+        # silently getting fp32 registers that no longer match what was saved.
+        return None
+
+    def _check_merge_allowed(self) -> None:
+        raise MergeNotSupportedError(MERGE_MESSAGE)
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise MergeNotSupportedError(MERGE_MESSAGE)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, RegisterLayer):
+                module.remove_hooks()
+                parent, _, target_name = _get_submodules(self.model, key)
+                setattr(parent, target_name, module.base_layer)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+
+def register_peft_type() -> None:
+    """Make ``REGISTERS`` known to PEFT's lookups (idempotent; done when ``register_adapter`` is imported).
+
+    PEFT's ``register_peft_method`` only accepts members of its closed ``PeftType`` enum, so the three mappings that
+    every lookup goes through are filled directly.
+    """
+    from peft import mapping
+
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[REGISTERS] = RegisterConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[REGISTERS] = RegisterModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[REGISTERS] = PREFIX
+
+
+def add_registers(
+    model: nn.Module, num_register_tokens: int = 4, *, adapter_name: str = "default", **config_kwargs: Any
+) -> peft.PeftModel:
+    """Give a vision transformer ``num_register_tokens`` trainable register tokens, as a ``peft.PeftModel``.
+
+    Equivalent to ``peft.get_peft_model(model, RegisterConfig(num_register_tokens=..., **config_kwargs))``.
+
+    Args:
+        model: A transformers ViT, DeiT, CLIP, DINOv2, DINOv3, SigLIP, I-JEPA, ViTMAE or AIMv2 model.
+        num_register_tokens: Number of register tokens (the paper uses 4).
+        adapter_name: Name of the adapter.
+        **config_kwargs: Further :class:`RegisterConfig` fields (``init``, ``strip_registers``, ``modules_to_save``).
+
+    Example:
+
+    >>> from register_adapter import add_registers
+    >>> from register_adapter.tiny import build_tiny_model
+    >>> model = add_registers(build_tiny_model("tiny-dinov2"), num_register_tokens=4)
+    >>> model.print_trainable_parameters()
+    trainable params: 128 || all params: 66,688 || trainable%: 0.1919
+    """
+    config = RegisterConfig(num_register_tokens=num_register_tokens, **config_kwargs)
+    return peft.get_peft_model(model, config, adapter_name=adapter_name)
