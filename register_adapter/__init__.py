@@ -17,6 +17,7 @@ from .errors import (
 )
 from .layer import RegisterLayer
 from .model import RegisterModel, add_registers, register_peft_type
+from .native import from_dinov2_with_registers, to_dinov2_with_registers
 from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout
 
 __version__ = "0.1.0"
@@ -42,9 +43,11 @@ __all__ = [
     "__version__",
     "add_registers",
     "find_vision_tower",
+    "from_dinov2_with_registers",
     "register_family",
     "register_peft_type",
     "split_tokens",
     "supported_model_types",
+    "to_dinov2_with_registers",
     "token_layout",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -101,12 +102,43 @@ def register_peft_type() -> None:
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[REGISTERS] = PREFIX
 
 
+class RegisterPeftModel(peft.PeftModel):
+    """A ``peft.PeftModel`` whose saves are atomic and whose model card describes the registers.
+
+    ``save_pretrained`` writes into a temporary folder first and moves the files into place, so an interrupted save
+    leaves the previous adapter readable. ``push_to_hub`` uploads the adapter with our model card in one commit.
+    Set ``card_metadata["metrics"]`` / ``card_metadata["training"]`` to show results in the card.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.card_metadata: dict[str, dict[str, Any]] = {}
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        from .hub import atomic_save
+
+        atomic_save(self, save_directory, super().save_pretrained, **kwargs)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        from .hub import render_model_card
+
+        card = render_model_card(self, self.active_adapter, **self.card_metadata)
+        card.save(os.path.join(output_dir, "README.md"))
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the active adapter and its model card in one commit; see :func:`register_adapter.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **{**self.card_metadata, **kwargs})
+
+
 def add_registers(
     model: nn.Module, num_register_tokens: int = 4, *, adapter_name: str = "default", **config_kwargs: Any
 ) -> peft.PeftModel:
     """Give a vision transformer ``num_register_tokens`` trainable register tokens, as a ``peft.PeftModel``.
 
-    Equivalent to ``peft.get_peft_model(model, RegisterConfig(num_register_tokens=..., **config_kwargs))``.
+    Equivalent to ``peft.get_peft_model(model, RegisterConfig(num_register_tokens=..., **config_kwargs))``, returning
+    a :class:`RegisterPeftModel` (a ``PeftModel`` with atomic saves and a register model card).
 
     Args:
         model: A transformers ViT, DeiT, CLIP, DINOv2, DINOv3, SigLIP, I-JEPA, ViTMAE or AIMv2 model.
@@ -123,4 +155,5 @@ def add_registers(
     trainable params: 128 || all params: 66,688 || trainable%: 0.1919
     """
     config = RegisterConfig(num_register_tokens=num_register_tokens, **config_kwargs)
-    return peft.get_peft_model(model, config, adapter_name=adapter_name)
+    config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    return RegisterPeftModel(model, config, adapter_name=adapter_name)

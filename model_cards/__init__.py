@@ -1,0 +1,1 @@
+"""Model card templates shipped with register_adapter (installed as ``register_adapter.model_cards``)."""
