@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from .errors import InvalidConfigError
+from .errors import AdapterFilesError, InvalidConfigError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
 
 INIT_METHODS = ("normal", "zeros", "scaled_randn")
 
@@ -93,3 +95,49 @@ class RegisterConfig(PeftConfig):
             )
         if self.init not in INIT_METHODS:
             raise InvalidConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config and check that the adapter weights next to it are present and readable.
+
+        Raises:
+            AdapterFilesError: ``adapter_model.safetensors`` is missing or is not a readable safetensors file.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return config
+
+
+def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, **hub_kwargs) -> str:
+    """Return the local path of ``adapter_model.safetensors`` after checking that its header can be read."""
+    import os
+
+    from huggingface_hub import hf_hub_download
+    from safetensors import safe_open
+
+    folder = os.path.join(path_or_repo_id, subfolder) if subfolder else path_or_repo_id
+    if os.path.isdir(folder):
+        weights = os.path.join(folder, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise AdapterFilesError(
+                f"{weights} is missing: the adapter folder holds only {sorted(os.listdir(folder))}. "
+                "Save the adapter again with model.save_pretrained(folder)."
+            )
+    else:
+        allowed = {k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only")}
+        try:
+            weights = hf_hub_download(path_or_repo_id, WEIGHTS_NAME, subfolder=subfolder, **allowed)
+        except Exception as error:
+            raise AdapterFilesError(
+                f"Could not get {WEIGHTS_NAME} of {path_or_repo_id!r}: {error}. Check the repository id and, offline, "
+                "that the adapter is in the Hugging Face cache."
+            ) from error
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            handle.keys()
+    except Exception as error:
+        raise AdapterFilesError(
+            f"{weights} is not a readable safetensors file ({error}). It is corrupted or incomplete: "
+            "download or save the adapter again."
+        ) from error
+    return weights

@@ -1,0 +1,43 @@
+"""``register-adapter``: the command line.
+
+    register-adapter demo [--model NAME_OR_PATH] [--steps N] [--out DIR]
+    register-adapter train --model ... --train_dir ... --output_dir ...      (see ``register-adapter train --help``)
+    register-adapter diagnose --model ... IMAGE_OR_DIR... --out DIR           (see ``register-adapter diagnose --help``)
+
+Each subcommand lives in its own module; this file only dispatches, so ``torchrun -m register_adapter.cli train``
+works too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("register_adapter.demo", "add registers to a model, train them a few steps, save and reload"),
+    "train": ("register_adapter.train", "train registers (and a head, optionally LoRA) with the HF Trainer"),
+    "diagnose": ("register_adapter.diagnose", "find artifact tokens and draw them"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: register-adapter {" + ",".join(COMMANDS) + "} ...", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(_usage() + "\n")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        sys.stderr.write(f"register-adapter: unknown command {command!r}\n\n{_usage()}\n")
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared helpers of the test matrix: one list of cases over tiny models, and inputs for each."""
+
+from __future__ import annotations
+
+import torch
+
+from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
+
+UNSUPPORTED = {"tiny-beit", "tiny-data2vec-vision"}
+
+# (tiny model name, task): every supported family and head.
+CASES = [
+    (name, task)
+    for name, (_, _, tasks) in TINY_MODELS.items()
+    if name not in UNSUPPORTED
+    for task in tasks
+]
+CASE_IDS = [f"{name}-{task}" for name, task in CASES]
+
+
+def make_inputs(name: str, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs for the tiny model ``name``; deterministic for a given seed."""
+    generator = torch.Generator().manual_seed(seed)
+    if name == "tiny-siglip2":
+        side = 15  # 15 x 15 patches of 2 x 2 pixels
+        return {
+            "pixel_values": torch.rand(batch_size, side * side, 3 * 2 * 2, generator=generator),
+            "pixel_attention_mask": torch.ones(batch_size, side * side, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[side, side]] * batch_size),
+        }
+    size = tiny_image_size(name)
+    inputs = {"pixel_values": torch.rand(batch_size, 3, size, size, generator=generator)}
+    if name == "tiny-clip":
+        inputs["input_ids"] = torch.randint(3, 99, (batch_size, 7), generator=generator)
+    if name == "tiny-vit-mae":
+        num_patches = (size // 2) ** 2
+        inputs["noise"] = torch.rand(batch_size, num_patches, generator=generator)  # fixes the random masking
+    return inputs
+
+
+def build(name: str, task: str) -> torch.nn.Module:
+    overrides = {"num_labels": 3} if "classification" in task else {}
+    return build_tiny_model(name, task, **overrides)
+
+
+def tensors(output) -> list[torch.Tensor]:
+    """Every tensor in a model output, in a fixed order (nested tuples flattened)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in tensors(item)]
+    return []
+
+
+def shapes(output) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tensors(output)]
+
+
+def max_diff(a, b) -> float:
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(tensors(a), tensors(b), strict=True))
