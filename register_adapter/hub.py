@@ -7,7 +7,7 @@ import tempfile
 from importlib import resources
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 
 from .config import RegisterConfig
@@ -120,7 +120,9 @@ def push_to_hub(
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
         card = render_model_card(model, adapter_name, repo_id=repo_id, metrics=metrics, training=training)
         card.save(os.path.join(folder, "README.md"))
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
-        )
-    return str(info)
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+            for name in sorted(os.listdir(folder))
+        ]
+        info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    return info.commit_url

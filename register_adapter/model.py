@@ -155,5 +155,7 @@ def add_registers(
     trainable params: 128 || all params: 66,688 || trainable%: 0.1919
     """
     config = RegisterConfig(num_register_tokens=num_register_tokens, **config_kwargs)
-    config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    if config.base_model_name_or_path is None:
+        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        config.base_model_name_or_path = name or None
     return RegisterPeftModel(model, config, adapter_name=adapter_name)
