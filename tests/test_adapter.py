@@ -187,3 +187,18 @@ def test_registers_follow_the_model_dtype_after_peft_upcasting():
     with torch.no_grad():
         out = model(pixel_values=torch.rand(1, 3, 30, 30, dtype=torch.bfloat16))
     assert out.last_hidden_state.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-deit"])
+def test_interpolate_pos_encoding_at_another_resolution(name):
+    base, model = adapted(name, "base")
+    x = torch.rand(2, 3, 44, 38)
+    with torch.no_grad():
+        got = model(pixel_values=x, interpolate_pos_encoding=True)
+        expected = base(pixel_values=x, interpolate_pos_encoding=True)
+        hidden = model(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states[0]
+    assert got.last_hidden_state.shape == expected.last_hidden_state.shape
+    assert hidden.shape[1] == expected.last_hidden_state.shape[1] + NUM_REGISTERS
+    # Registers get no position embedding: in the embedding output they are exactly the learned tokens.
+    assert torch.equal(split_tokens(hidden, model).registers, model.base_model.model.embeddings.register_tokens[
+        "default"].expand(2, -1, -1))
