@@ -11,7 +11,7 @@ Adding a family is one row: build a :class:`FamilySpec` and pass it to :func:`re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -56,6 +56,7 @@ class FamilySpec:
         mask_argument: Name of the forward argument holding a per-token attention mask (padded for registers).
         unpad_mask_at: Modules after ``strip_at`` that receive the same mask and must get it without registers.
         embeddings: Attribute name of the embeddings module.
+        native_register_attribute: Attribute of the embeddings holding registers the architecture has itself.
     """
 
     name: str
@@ -69,12 +70,16 @@ class FamilySpec:
     mask_argument: str | None = "attention_mask"
     unpad_mask_at: tuple[str, ...] = ()
     embeddings: str = "embeddings"
-    native_register_attribute: str | None = field(default=None)
+    native_register_attribute: str | None = None
 
 
 _VIT_LIKE = {"layers": "layers", "strip_at": "layernorm", "mlp_out_proj": ("mlp.fc2",)}
-_DINO = {"layers": "encoder.layer", "strip_at": "layernorm", "encoder": "encoder",
-         "mlp_out_proj": ("mlp.fc2", "mlp.weights_out")}
+_DINO = {
+    "layers": "encoder.layer",
+    "strip_at": "layernorm",
+    "encoder": "encoder",
+    "mlp_out_proj": ("mlp.fc2", "mlp.weights_out"),
+}
 
 FAMILIES: dict[str, FamilySpec] = {}
 UNSUPPORTED: dict[str, str] = {

@@ -70,9 +70,7 @@ class RegisterConfig(PeftConfig):
         default="trained",
         metadata={"help": "How the registers were obtained (trained, distilled, test-time); shown in the model card."},
     )
-    family: str | None = field(
-        default=None, metadata={"help": "Model family; filled in when the adapter is created."}
-    )
+    family: str | None = field(default=None, metadata={"help": "Model family; filled in when the adapter is created."})
     hidden_size: int | None = field(
         default=None, metadata={"help": "Register width; filled in when the adapter is created."}
     )

@@ -24,8 +24,14 @@ from .tokens import split_tokens
 logger = logging.getLogger("register_adapter.demo")
 
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
-DEMO_CONFIG = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
-               "image_size": 64, "patch_size": 8}
+DEMO_CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "image_size": 64,
+    "patch_size": 8,
+}
 
 
 def sample_images() -> tuple[list[np.ndarray], list[str]]:
@@ -66,8 +72,9 @@ def augment(image: np.ndarray, size: int, generator: torch.Generator) -> torch.T
     return pixels
 
 
-def run(model_name: str | None = None, steps: int = 30, num_register_tokens: int = 4, out: str | None = None,
-        seed: int = 0) -> dict[str, float]:
+def run(
+    model_name: str | None = None, steps: int = 30, num_register_tokens: int = 4, out: str | None = None, seed: int = 0
+) -> dict[str, float]:
     """Run the demo and return its numbers (loss before/after, accuracy, reload difference)."""
     images, labels = sample_images()
     model, size = load_model(model_name, num_labels=len(labels))
@@ -106,7 +113,9 @@ def run(model_name: str | None = None, steps: int = 30, num_register_tokens: int
     reloaded = PeftModel.from_pretrained(load_model(model_name, num_labels=len(labels))[0], out).eval()
     model.eval()
     with torch.no_grad():
-        difference = float((reloaded(pixel_values=evaluation).logits - model(pixel_values=evaluation).logits).abs().max())
+        difference = float(
+            (reloaded(pixel_values=evaluation).logits - model(pixel_values=evaluation).logits).abs().max()
+        )
         hidden = model(pixel_values=evaluation[:1], output_hidden_states=True).hidden_states[-1]
     groups = split_tokens(hidden, model)
     trainable, total = model.get_nb_trainable_parameters()

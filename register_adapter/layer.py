@@ -56,8 +56,14 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("register_tokens",)
     other_param_names = ("strip_registers",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RegisterConfig, tower: VisionTower,
-                 is_backbone: bool = False) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: RegisterConfig,
+        tower: VisionTower,
+        is_backbone: bool = False,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.register_tokens = nn.ParameterDict()
@@ -189,7 +195,9 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         if self.num_inserted == 0 or not self._strip:
             return None
         if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = remove_tokens(kwargs["attention_mask"], self.num_prefix_tokens, self.num_inserted)
+            kwargs["attention_mask"] = remove_tokens(
+                kwargs["attention_mask"], self.num_prefix_tokens, self.num_inserted
+            )
         elif len(args) > 1 and args[1] is not None:
             args = (args[0], remove_tokens(args[1], self.num_prefix_tokens, self.num_inserted), *args[2:])
         return args, kwargs

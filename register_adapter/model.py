@@ -75,8 +75,13 @@ class RegisterModel(BaseTuner):
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         raise MergeNotSupportedError(MERGE_MESSAGE)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
-                                     adapter_names: list[str] | None = None) -> nn.Module:
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
         if merge:
             self._check_merge_allowed()
         for key, module in list(self.model.named_modules()):

@@ -25,7 +25,9 @@ _DINOV2_TO_NATIVE = {v: k for k, v in _NATIVE_TO_DINOV2.items()}
 _CONFIG_ONLY_KEYS = ("model_type", "architectures", "transformers_version", "num_register_tokens")
 
 
-def _rebuild(model: torch.nn.Module, class_name: str, config_cls: type, state: dict, **config_updates) -> torch.nn.Module:
+def _rebuild(
+    model: torch.nn.Module, class_name: str, config_cls: type, state: dict, **config_updates
+) -> torch.nn.Module:
     values = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_ONLY_KEYS}
     config = config_cls(**values, **config_updates)
     new_cls = getattr(transformers, class_name)

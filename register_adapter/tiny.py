@@ -77,8 +77,13 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
     ),
     "tiny-vit-mae": (
         "ViTMAEConfig",
-        {**_VISION, "decoder_hidden_size": 16, "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2,
-         "decoder_intermediate_size": 19},
+        {
+            **_VISION,
+            "decoder_hidden_size": 16,
+            "decoder_num_hidden_layers": 1,
+            "decoder_num_attention_heads": 2,
+            "decoder_intermediate_size": 19,
+        },
         {"base": "ViTMAEModel", "pretraining": "ViTMAEForPreTraining"},
     ),
     "tiny-aimv2": ("Aimv2VisionConfig", _VISION, {"base": "Aimv2VisionModel"}),
@@ -111,14 +116,14 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
 def tiny_config(name: str, **overrides: Any) -> transformers.PretrainedConfig:
     """The config of the built-in tiny model ``name`` with ``overrides`` applied (e.g. ``num_labels=3``)."""
     if name not in TINY_MODELS:
-        raise UnsupportedModelError(
-            f"Unknown tiny model {name!r}. Available: {', '.join(sorted(TINY_MODELS))}."
-        )
+        raise UnsupportedModelError(f"Unknown tiny model {name!r}. Available: {', '.join(sorted(TINY_MODELS))}.")
     config_cls, kwargs, _ = TINY_MODELS[name]
     return getattr(transformers, config_cls)(**{**kwargs, **overrides})
 
 
-def build_tiny_model(name: str, task: str = "base", *, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
+def build_tiny_model(
+    name: str, task: str = "base", *, seed: int = 0, **overrides: Any
+) -> transformers.PreTrainedModel:
     """Build the tiny model ``name`` for ``task`` (``"base"``, ``"classification"``, ``"backbone"``, ...).
 
     Weights are random but reproducible: the same ``seed`` gives the same model.

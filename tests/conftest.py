@@ -63,6 +63,9 @@ def fake_hub(tmp_path, monkeypatch):
 
     hub = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: hub.create_repo(self, repo_id, **kw))
-    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: hub.create_commit(
-        self, repo_id, operations, **kw))
+    monkeypatch.setattr(
+        HfApi,
+        "create_commit",
+        lambda self, repo_id, operations, **kw: hub.create_commit(self, repo_id, operations, **kw),
+    )
     return hub

@@ -200,5 +200,7 @@ def test_interpolate_pos_encoding_at_another_resolution(name):
     assert got.last_hidden_state.shape == expected.last_hidden_state.shape
     assert hidden.shape[1] == expected.last_hidden_state.shape[1] + NUM_REGISTERS
     # Registers get no position embedding: in the embedding output they are exactly the learned tokens.
-    assert torch.equal(split_tokens(hidden, model).registers, model.base_model.model.embeddings.register_tokens[
-        "default"].expand(2, -1, -1))
+    assert torch.equal(
+        split_tokens(hidden, model).registers,
+        model.base_model.model.embeddings.register_tokens["default"].expand(2, -1, -1),
+    )

@@ -47,9 +47,7 @@ def test_relative_position_bias_families_are_refused_with_the_reason(name):
 
 @pytest.mark.parametrize("count", [0, -1, 2.5, True, "4"])
 def test_num_register_tokens_must_be_a_positive_int(count):
-    message = (
-        f"num_register_tokens must be a positive int, got {count!r}. Papers use 4 (trained) or 16 (PH-Reg)."
-    )
+    message = f"num_register_tokens must be a positive int, got {count!r}. Papers use 4 (trained) or 16 (PH-Reg)."
     with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
         RegisterConfig(num_register_tokens=count)
     assert issubclass(InvalidConfigError, ValueError) and issubclass(InvalidConfigError, RegisterAdapterError)
@@ -83,7 +81,9 @@ def test_adapter_for_another_family_is_refused(tmp_path):
 
 def test_merge_and_unload_points_to_unload():
     model = add_registers(build_tiny_model("tiny-dinov2"))
-    with pytest.raises(MergeNotSupportedError, match=r"^Register tokens are extra sequence positions.*model\.unload\(\)"):
+    with pytest.raises(
+        MergeNotSupportedError, match=r"^Register tokens are extra sequence positions.*model\.unload\(\)"
+    ):
         model.merge_and_unload()
 
 

@@ -9,12 +9,7 @@ from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
 UNSUPPORTED = {"tiny-beit", "tiny-data2vec-vision"}
 
 # (tiny model name, task): every supported family and head.
-CASES = [
-    (name, task)
-    for name, (_, _, tasks) in TINY_MODELS.items()
-    if name not in UNSUPPORTED
-    for task in tasks
-]
+CASES = [(name, task) for name, (_, _, tasks) in TINY_MODELS.items() if name not in UNSUPPORTED for task in tasks]
 CASE_IDS = [f"{name}-{task}" for name, task in CASES]
 
 
