@@ -1,11 +1,8 @@
 """``register-adapter``: the command line.
 
     register-adapter demo [--model NAME_OR_PATH] [--steps N] [--out DIR]
-    register-adapter train --model ... --train_dir ... --output_dir ...      (see ``register-adapter train --help``)
-    register-adapter diagnose --model ... IMAGE_OR_DIR... --out DIR           (see ``register-adapter diagnose --help``)
 
-Each subcommand lives in its own module; this file only dispatches, so ``torchrun -m register_adapter.cli train``
-works too.
+Each subcommand lives in its own module; this file only dispatches.
 """
 
 from __future__ import annotations
@@ -15,8 +12,6 @@ import sys
 
 COMMANDS = {
     "demo": ("register_adapter.demo", "add registers to a model, train them a few steps, save and reload"),
-    "train": ("register_adapter.train", "train registers (and a head, optionally LoRA) with the HF Trainer"),
-    "diagnose": ("register_adapter.diagnose", "find artifact tokens and draw them"),
 }
 
 
