@@ -24,7 +24,8 @@ Targets, each reported as PASS/FAIL:
 
 The script always exits 0 (it is a report); the last line summarizes the targets.
 
-Run (S and B take about X minutes on a 2-core CPU with the defaults; L is slower, use fewer repeats)::
+Run (with the defaults, S and B take about 4 minutes on an idle 2-core CPU and up to 11 on a busy one; L takes
+about 10 minutes on its own with ``--repeats 5 --warmup 1``)::
 
     python benchmarks/overhead.py                       # S, B, L
     python benchmarks/overhead.py --sizes S B
