@@ -118,6 +118,8 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
             raise InvalidConfigError(
                 f"The active adapters {names} disagree on strip_registers; activate adapters that agree."
             )
+        if len(names) == 1:
+            return self.register_tokens[names[0]], strip.pop()
         tokens = torch.cat([self.register_tokens[name] for name in names], dim=1)  # (1, R, D)
         return tokens, strip.pop()
 
