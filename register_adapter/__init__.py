@@ -6,6 +6,8 @@ Importing the package makes the ``REGISTERS`` PEFT type known to ``peft`` (``get
 
 from .architectures import FamilySpec, VisionTower, find_vision_tower, register_family, supported_model_types
 from .config import REGISTERS, RegisterConfig
+from .diagnostics import ArtifactReport, find_artifacts
+from .discovery import corloc, discover_objects
 from .errors import (
     AdapterFilesError,
     AdapterMismatchError,
@@ -28,6 +30,7 @@ __all__ = [
     "REGISTERS",
     "AdapterFilesError",
     "AdapterMismatchError",
+    "ArtifactReport",
     "DataError",
     "FamilySpec",
     "InvalidConfigError",
@@ -42,6 +45,9 @@ __all__ = [
     "VisionTower",
     "__version__",
     "add_registers",
+    "corloc",
+    "discover_objects",
+    "find_artifacts",
     "find_vision_tower",
     "from_dinov2_with_registers",
     "register_family",

@@ -1,6 +1,8 @@
 """``register-adapter``: the command line.
 
     register-adapter demo [--model NAME_OR_PATH] [--steps N] [--out DIR]
+    register-adapter train --model M --train_dir DIR --output_dir OUT [RegisterConfig and TrainingArguments flags]
+    register-adapter diagnose --model M [--adapter A] IMAGE_OR_DIR... --out DIR
 
 Each subcommand lives in its own module; this file only dispatches.
 """
@@ -12,6 +14,8 @@ import sys
 
 COMMANDS = {
     "demo": ("register_adapter.demo", "add registers to a model, train them a few steps, save and reload"),
+    "train": ("register_adapter.train", "train registers (and a head, optionally LoRA) with the HF Trainer"),
+    "diagnose": ("register_adapter.diagnose", "find artifact tokens and draw them"),
 }
 
 

@@ -49,6 +49,12 @@ class RegisterConfig(PeftConfig):
         family: The model family; filled in when the adapter is created and checked when it is loaded.
         hidden_size: Width of the registers; filled in when the adapter is created and checked when it is loaded.
         modules_to_save: Modules besides the registers that are trained and saved, e.g. ``["classifier"]``.
+        lora_r: Rank of LoRA on the attention projections of the vision tower's blocks, trained and saved in the same
+            adapter as the registers; ``0`` (default) for none.
+        lora_alpha: LoRA scaling numerator; the low-rank update is scaled by ``lora_alpha / lora_r``.
+        lora_dropout: Dropout on the input of the LoRA branch.
+        lora_target_modules: Names of the ``nn.Linear`` layers inside each block that get LoRA (default
+            ``["q_proj", "v_proj"]``). Never applied outside the vision tower (e.g. CLIP's text tower).
 
     Example:
 
@@ -82,6 +88,15 @@ class RegisterConfig(PeftConfig):
         default=None,
         metadata={"help": "Modules besides the registers to train and save, e.g. a new classifier head."},
     )
+    lora_r: int = field(
+        default=0, metadata={"help": "Rank of LoRA on the vision tower's attention projections; 0 for no LoRA."}
+    )
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Names of the linear layers in each block that get LoRA; default q_proj and v_proj."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +108,12 @@ class RegisterConfig(PeftConfig):
             )
         if self.init not in INIT_METHODS:
             raise InvalidConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}.")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise InvalidConfigError(f"lora_r must be an int >= 0 (0 disables LoRA), got {self.lora_r!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

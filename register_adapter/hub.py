@@ -7,11 +7,13 @@ import tempfile
 from importlib import resources
 from typing import Any
 
+import transformers
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 
 from .config import RegisterConfig
 from .errors import InvalidConfigError
+from .lora import DEFAULT_TARGETS
 
 CARD_TEMPLATE = "adapter_card.md"
 METHOD_DESCRIPTIONS = {
@@ -48,7 +50,14 @@ def render_model_card(
         training: Training setup, e.g. ``{"learning_rate": 1e-3, "epochs": 3}``.
     """
     config = _register_config(model, adapter_name)
-    base_model = config.base_model_name_or_path or model.get_base_model().config._name_or_path or "unknown"
+    base = model.get_base_model()
+    base_model = config.base_model_name_or_path or base.config._name_or_path or "unknown"
+    load_class = type(base).__name__ if hasattr(transformers, type(base).__name__) else "AutoModel"
+    load_kwargs = f", num_labels={base.config.num_labels}" if load_class.endswith("ForImageClassification") else ""
+    lora = ""
+    if config.lora_r:
+        targets = ", ".join(f"`{name}`" for name in config.lora_target_modules or DEFAULT_TARGETS)
+        lora = f"rank {config.lora_r}, alpha {config.lora_alpha} on {targets}"
     tags = ["register_adapter", "registers", "vision-transformer", str(config.family), f"registers-{config.method}"]
     card_data = ModelCardData(
         library_name="peft",
@@ -69,6 +78,10 @@ def render_model_card(
             method=config.method,
             method_description=METHOD_DESCRIPTIONS.get(config.method, config.method),
             strip_registers="yes" if config.strip_registers else "no",
+            lora=lora,
+            modules_to_save=", ".join(f"`{name}`" for name in config.modules_to_save or []),
+            load_class=load_class,
+            load_kwargs=load_kwargs,
             repo_id=repo_id or "path/to/this/adapter",
             metrics=_format_values(metrics),
             training=_format_values(training),

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import peft
-from peft.tuners.tuners_utils import BaseTuner, _get_submodules
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
 from torch import nn
 from transformers.backbone_utils import BackboneMixin
 
@@ -15,6 +15,7 @@ from .architectures import find_vision_tower
 from .config import REGISTERS, RegisterConfig
 from .errors import AdapterMismatchError, MergeNotSupportedError
 from .layer import MERGE_MESSAGE, RegisterLayer
+from .lora import DEFAULT_TARGETS, add_lora, lora_pattern
 
 PREFIX = "register_tokens"
 
@@ -26,7 +27,8 @@ class RegisterModel(BaseTuner):
     """
 
     prefix: str = PREFIX
-    tuner_layer_cls = RegisterLayer
+    # Register layers and, with ``lora_r > 0``, PEFT's LoRA layers: both are switched, disabled and deleted together.
+    tuner_layer_cls = BaseTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config: RegisterConfig, model_config: dict) -> RegisterConfig:
@@ -40,8 +42,11 @@ class RegisterModel(BaseTuner):
                 )
         peft_config.family = tower.spec.name
         peft_config.hidden_size = tower.hidden_size
-        embeddings_path = ".".join(p for p in (tower.path, tower.spec.embeddings) if p)
-        peft_config.target_modules = re.escape(embeddings_path)
+        peft_config.target_modules = re.escape(_join(tower.path, tower.spec.embeddings))
+        if peft_config.lora_r:
+            names = peft_config.lora_target_modules or DEFAULT_TARGETS
+            lora = lora_pattern(_join(tower.path, tower.spec.layers), names)
+            peft_config.target_modules = f"{peft_config.target_modules}|{lora}"
         return peft_config
 
     def _create_and_replace(
@@ -54,10 +59,17 @@ class RegisterModel(BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
+        tower = find_vision_tower(self.model)
+        if current_key != _join(tower.path, tower.spec.embeddings):
+            new_lora = add_lora(target, adapter_name, peft_config, current_key)
+            if new_lora is not None:
+                if adapter_name not in self.active_adapters:
+                    new_lora.requires_grad_(False)
+                self._replace_module(parent, target_name, new_lora, target)
+            return
         if isinstance(target, RegisterLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        tower = find_vision_tower(self.model)
         is_backbone = isinstance(self.model, BackboneMixin)
         new_module = RegisterLayer(target, adapter_name, peft_config, tower, is_backbone=is_backbone)
         if adapter_name not in self.active_adapters:
@@ -89,9 +101,14 @@ class RegisterModel(BaseTuner):
                 module.remove_hooks()
                 parent, _, target_name = _get_submodules(self.model, key)
                 setattr(parent, target_name, module.base_layer)
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
+        # LoRA layers go back to their base layers, a ModulesToSaveWrapper to its trained copy.
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+def _join(*parts: str) -> str:
+    return ".".join(part for part in parts if part)
 
 
 def register_peft_type() -> None:

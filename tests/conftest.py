@@ -8,6 +8,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The suite runs one pytest-xdist worker per core; one thread each keeps tiny-model tests fast and free of contention.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

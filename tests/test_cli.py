@@ -7,7 +7,9 @@ from register_adapter.cli import main
 def test_unknown_command_exits_2_with_usage(capsys):
     assert main(["frobnicate"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("register-adapter: unknown command 'frobnicate'\n\nusage: register-adapter {demo} ...")
+    assert err.startswith(
+        "register-adapter: unknown command 'frobnicate'\n\nusage: register-adapter {demo,train,diagnose} ..."
+    )
 
 
 def test_console_script_help_lists_the_commands():

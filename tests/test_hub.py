@@ -25,6 +25,13 @@ def trained_adapter(**kwargs):
     return model
 
 
+def test_card_of_a_lora_adapter_names_its_rank_and_targets():
+    from register_adapter.hub import render_model_card
+
+    card = render_model_card(trained_adapter(lora_r=8, lora_alpha=32)).content
+    assert "| LoRA in the same adapter | rank 8, alpha 32 on `q_proj`, `v_proj` |" in card
+
+
 def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(fake_hub, tmp_path):
     build_tiny_model("tiny-vit", "classification", num_labels=3).save_pretrained(fake_hub.snapshot("org/tiny-vit"))
     fake_hub.create_repo(None, "org/tiny-vit")
@@ -39,7 +46,10 @@ def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(fake_hub, tmp_pa
     assert "# tiny-vit with 4 register tokens" in card
     assert "| register tokens | 4 |" in card
     assert "| eval_accuracy | 0.875 |" in card
+    assert 'base = ViTForImageClassification.from_pretrained("org/tiny-vit", num_labels=3)' in card
     assert 'PeftModel.from_pretrained(base, "org/vit-registers")' in card
+    assert "| trained and saved modules | `classifier` |" in card
+    assert "LoRA" not in card
     assert "arxiv.org/abs/2309.16588" in card
     assert "library_name: peft" in card and "- register_adapter" in card
 

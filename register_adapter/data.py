@@ -1,0 +1,414 @@
+"""Labelled image data for classification fine-tuning: loading, validation and augmentation.
+
+Data comes either from folders in ``imagefolder`` layout (``root/<class name>/<image>``, classes sorted by name) or
+from a ``datasets`` dataset (a Hub name, a loading script or a folder written by ``save_to_disk``). Every problem
+that would otherwise surface hours into a run is found before training starts and reported as a
+:class:`~register_adapter.errors.DataError`: a missing or empty folder, a missing column, a corrupt image.
+
+Images are preprocessed lazily (``Dataset.set_transform``) with the model's own image processor (PIL backend). The
+training transform adds a random resized crop and a horizontal flip, written with PIL. Its randomness is a pure
+function of ``(seed, epoch, sample_id)``, so an augmented sample does not depend on the order in which batches are
+drawn: a run resumed from a checkpoint, a multi-process run and a single-process run see the same pixels.
+
+>>> from register_adapter.data import load_image_folder
+>>> train = load_image_folder("data/train")  # doctest: +SKIP
+>>> train.features["label"].names  # doctest: +SKIP
+['cat', 'dog']
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
+SAMPLE_ID_COLUMN = "sample_id"
+BAD_IMAGE_POLICIES = ("error", "skip")
+IMAGE_CHECKS = ("decode", "header", "none")
+_MAX_LISTED = 10
+
+
+def image_extensions() -> frozenset[str]:
+    PIL.Image.init()
+    return frozenset(ext.lower() for ext in PIL.Image.registered_extensions())
+
+
+def load_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None) -> datasets.Dataset:
+    """Load a folder in ``imagefolder`` layout: one sub-folder per class, images anywhere below it.
+
+    Files whose extension PIL does not know (``README.txt``, ``.DS_Store``) are ignored; images are not decoded
+    here (see :func:`check_images`).
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        class_names: the label names to use, in label-id order (those of the training folder when loading a
+            validation folder). Default: the sub-folder names, sorted.
+
+    Returns:
+        A dataset with an ``image`` column (``datasets.Image``) and a ``label`` column (``datasets.ClassLabel``).
+
+    Raises:
+        DataError: the folder does not exist, has no class sub-folders, holds no image, or (with ``class_names``)
+            has a class that is not among ``class_names``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Image folder {str(root)!r} does not exist or is not a directory.")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataError(
+            f"Image folder {str(root)!r} has no class sub-folders. Expected the imagefolder layout "
+            f"{str(root)!r}/<class name>/<image file>."
+        )
+    names = list(class_names) if class_names is not None else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise DataError(
+            f"Image folder {str(root)!r} has classes that the training data does not have: {', '.join(unknown)}. "
+            f"Known classes: {', '.join(names)}."
+        )
+    extensions = image_extensions()
+    paths: list[str] = []
+    labels: list[int] = []
+    for name in found:
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        paths.extend(str(p) for p in files)
+        labels.extend([names.index(name)] * len(files))
+    if not paths:
+        raise DataError(
+            f"Image folder {str(root)!r} holds no image files (looked for {', '.join(sorted(extensions)[:8])}, ... "
+            f"in {', '.join(found)})."
+        )
+    features = datasets.Features({IMAGE_COLUMN: datasets.Image(), LABEL_COLUMN: datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict({IMAGE_COLUMN: paths, LABEL_COLUMN: labels}, features=features)
+
+
+def _load_named_dataset(name: str, config_name: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    """A dataset by Hub name or loading script, or a folder written by ``save_to_disk``, as a ``DatasetDict``."""
+    path = Path(name)
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+        raise DataError(f"Could not load the dataset {name!r}: {error}") from error
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def _normalise_columns(
+    dataset: datasets.Dataset, image_column: str, label_column: str, where: str
+) -> datasets.Dataset:
+    """Check the image and label columns, rename them to ``image``/``label`` and encode string labels."""
+    for kind, column in (("image", image_column), ("label", label_column)):
+        if column not in dataset.column_names:
+            raise DataError(
+                f"The {kind} column {column!r} does not exist in {where}. "
+                f"Available columns: {', '.join(dataset.column_names)}."
+            )
+    dataset = dataset.select_columns([image_column, label_column])
+    if image_column != IMAGE_COLUMN:
+        dataset = dataset.rename_column(image_column, IMAGE_COLUMN)
+    if label_column != LABEL_COLUMN:
+        dataset = dataset.rename_column(label_column, LABEL_COLUMN)
+    image_feature = dataset.features[IMAGE_COLUMN]
+    if isinstance(image_feature, datasets.Value) and image_feature.dtype in ("string", "large_string"):
+        dataset = dataset.cast_column(IMAGE_COLUMN, datasets.Image())  # a column of file paths
+    elif not isinstance(image_feature, datasets.Image):
+        raise DataError(
+            f"The image column {image_column!r} in {where} holds {image_feature!r}, not images. "
+            "Expected a datasets.Image feature or file paths."
+        )
+    if not isinstance(dataset.features[LABEL_COLUMN], datasets.ClassLabel):
+        dataset = dataset.class_encode_column(LABEL_COLUMN)
+    return dataset
+
+
+def load_image_dataset(
+    *,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_split: str = "train",
+    validation_split: str | None = "validation",
+    image_column: str = IMAGE_COLUMN,
+    label_column: str = LABEL_COLUMN,
+    train_val_split: float = 0.15,
+    seed: int = 42,
+    cache_dir: str | None = None,
+) -> datasets.DatasetDict:
+    """Load labelled images for classification as a ``DatasetDict`` with a ``train`` and maybe a ``validation`` split.
+
+    Either ``train_dir`` (with an optional ``validation_dir``), both in ``imagefolder`` layout, or ``dataset_name``.
+    Without a validation split, ``train_val_split`` of the training images (stratified by label) are held out;
+    ``train_val_split=0`` keeps them all for training and leaves no validation split.
+
+    Columns are renamed to ``image`` and ``label`` (a ``ClassLabel``; string labels are encoded) and every split
+    gets a ``sample_id`` column that seeds its augmentation. Images are not decoded (see :func:`check_images`).
+
+    Raises:
+        DataError: no source or two sources given; a folder is missing or empty; a split or column does not exist;
+            fewer than two classes.
+    """
+    if (train_dir is None) == (dataset_name is None):
+        raise DataError("Give exactly one source of training images: --train_dir or --dataset_name.")
+    if not 0.0 <= train_val_split < 1.0:
+        raise DataError(f"train_val_split must be in [0, 1), got {train_val_split}.")
+    splits: dict[str, datasets.Dataset] = {}
+    if train_dir is not None:
+        splits["train"] = load_image_folder(train_dir)
+        if validation_dir is not None:
+            splits["validation"] = load_image_folder(validation_dir, splits["train"].features[LABEL_COLUMN].names)
+    else:
+        if validation_dir is not None:
+            raise DataError("--validation_dir goes with --train_dir; with --dataset_name use --validation_split.")
+        loaded = _load_named_dataset(dataset_name, dataset_config_name, cache_dir)
+        if train_split not in loaded:
+            raise DataError(
+                f"The dataset {dataset_name!r} has no split {train_split!r}. Available splits: {', '.join(loaded)}."
+            )
+        splits["train"] = _normalise_columns(
+            loaded[train_split], image_column, label_column, f"split {train_split!r} of {dataset_name!r}"
+        )
+        if validation_split is not None and validation_split in loaded:
+            validation = _normalise_columns(
+                loaded[validation_split], image_column, label_column, f"split {validation_split!r} of {dataset_name!r}"
+            )
+            names = splits["train"].features[LABEL_COLUMN].names
+            if validation.features[LABEL_COLUMN].names != names:
+                validation = validation.align_labels_with_mapping({n: i for i, n in enumerate(names)}, LABEL_COLUMN)
+                validation = validation.cast_column(LABEL_COLUMN, datasets.ClassLabel(names=names))
+            splits["validation"] = validation
+    if len(splits["train"]) == 0:
+        raise DataError("The training split is empty.")
+    names = splits["train"].features[LABEL_COLUMN].names
+    if len(names) < 2:
+        raise DataError(f"Classification needs at least two classes; the training data has {names}.")
+    if "validation" not in splits and train_val_split > 0:
+        held_out = splits["train"].train_test_split(
+            test_size=train_val_split, seed=seed, stratify_by_column=LABEL_COLUMN
+        )
+        splits = {"train": held_out["train"], "validation": held_out["test"]}
+    return datasets.DatasetDict(
+        {name: split.add_column(SAMPLE_ID_COLUMN, list(range(len(split)))) for name, split in splits.items()}
+    )
+
+
+def _image_problem(value: dict[str, Any], check: str) -> str | None:
+    """Why the undecoded image ``value`` (``{"bytes", "path"}``) cannot be used, or ``None`` if it can."""
+    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+    if source is None:
+        return "no bytes and no path"
+    try:
+        with PIL.Image.open(source) as image:
+            if check == "header":
+                image.verify()
+            else:
+                image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_images(
+    dataset: datasets.Dataset,
+    *,
+    on_bad_image: str = "error",
+    check: str = "decode",
+    split: str = "train",
+    num_proc: int | None = None,
+) -> datasets.Dataset:
+    """Open every image of ``dataset`` once, before training, and deal with the ones that cannot be read.
+
+    Args:
+        dataset: a dataset with an ``image`` column.
+        on_bad_image: ``"error"`` raises a :class:`DataError` that lists the unreadable images; ``"skip"`` drops
+            them with a warning.
+        check: ``"decode"`` decodes every image fully (finds truncated files); ``"header"`` only checks the file
+            header (faster, misses truncation); ``"none"`` checks nothing.
+        split: the split name, for messages.
+        num_proc: worker processes for the check.
+
+    Returns:
+        ``dataset``, without the unreadable images when ``on_bad_image="skip"``.
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise DataError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}.")
+    if check not in IMAGE_CHECKS:
+        raise DataError(f"image_check must be one of {', '.join(IMAGE_CHECKS)}, got {check!r}.")
+    if check == "none" or len(dataset) == 0:
+        return dataset
+    raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+    problems = raw.map(
+        lambda images: {"_problem": [_image_problem(image, check) for image in images]},
+        input_columns=IMAGE_COLUMN,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=raw.column_names,
+        desc=f"Checking {split} images",
+    )["_problem"]
+    bad = [i for i, problem in enumerate(problems) if problem is not None]
+    if not bad:
+        return dataset
+    names = [raw[i][IMAGE_COLUMN].get("path") or f"row {i}" for i in bad[:_MAX_LISTED]]
+    listing = "; ".join(f"{name} ({problems[i]})" for name, i in zip(names, bad))
+    more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    if on_bad_image == "error" or len(bad) == len(dataset):
+        hint = "Remove or replace them, or pass --on_bad_image skip to leave them out."
+        if len(bad) == len(dataset):
+            hint = "No image of this split can be read."
+        raise DataError(f"{len(bad)} of {len(dataset)} {split} images cannot be read: {listing}{more}. {hint}")
+    logger.warning(
+        "Skipping %d of %d %s images that cannot be read: %s%s", len(bad), len(dataset), split, listing, more
+    )
+    bad_set = set(bad)
+    return dataset.select([i for i in range(len(dataset)) if i not in bad_set])
+
+
+def target_size(image_processor: Any) -> tuple[int, int]:
+    """``(height, width)`` of the pixel values that ``image_processor`` produces."""
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        size = image_processor.crop_size
+    else:
+        size = image_processor.size
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    if get("height") and get("width"):
+        return int(get("height")), int(get("width"))
+    if get("shortest_edge"):
+        return int(get("shortest_edge")), int(get("shortest_edge"))
+    raise DataError(f"Cannot tell the output size of the image processor {type(image_processor).__name__}: {size}.")
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """A random crop ``(left, top, right, bottom)`` covering ``scale`` of the area with aspect ratio in ``ratio``.
+
+    The Inception-style crop (Szegedy et al., 2015) that ``RandomResizedCrop`` popularised: ten tries at a random
+    area and log-uniform aspect ratio, then the largest central crop with a ratio inside ``ratio``.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class ImageClassificationTransform:
+    """Turn a batch of ``{"image", "label", "sample_id"}`` rows into ``{"pixel_values", "labels"}`` tensors.
+
+    Use with ``Dataset.set_transform``. With ``train=True`` each image gets a random resized crop to the
+    processor's output size and a random horizontal flip, drawn from a generator seeded by
+    ``(seed, epoch, sample_id)``; set :attr:`epoch` at the start of every epoch (the trainer callback in
+    :mod:`register_adapter.train` does). Without ``train`` the image processor alone resizes (and crops).
+
+    Args:
+        image_processor: the model's image processor (PIL backend).
+        train: whether to augment.
+        seed: seed of the augmentation.
+        scale: range of the crop area, as a fraction of the image area.
+        ratio: range of the crop aspect ratio (width / height).
+        flip_probability: probability of a horizontal flip.
+
+    >>> from transformers import ViTImageProcessorPil
+    >>> transform = ImageClassificationTransform(ViTImageProcessorPil(size={"height": 30, "width": 30}), train=True)
+    >>> batch = {"image": [PIL.Image.new("RGB", (40, 50))], "label": [1], "sample_id": [0]}
+    >>> transform(batch)["pixel_values"].shape
+    torch.Size([1, 3, 30, 30])
+    """
+
+    def __init__(
+        self,
+        image_processor: Any,
+        *,
+        train: bool,
+        seed: int = 42,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_probability: float = 0.5,
+    ) -> None:
+        self.image_processor = image_processor
+        self.train = train
+        self.seed = seed
+        self.scale = scale
+        self.ratio = ratio
+        self.flip_probability = flip_probability
+        self.epoch = 0
+        self.size = target_size(image_processor)
+        self.resample = getattr(image_processor, "resample", None)
+        if self.resample is None:
+            self.resample = PIL.Image.Resampling.BILINEAR
+
+    def augment(self, image: PIL.Image.Image, sample_id: int) -> PIL.Image.Image:
+        """The randomly cropped, resized and flipped ``image``; the same for the same sample id and epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch, sample_id])
+        box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
+        height, width = self.size
+        image = image.resize((width, height), resample=self.resample, box=box)
+        if rng.uniform() < self.flip_probability:
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        images = [image.convert("RGB") for image in batch[IMAGE_COLUMN]]
+        if self.train:
+            images = [self.augment(image, int(i)) for image, i in zip(images, batch[SAMPLE_ID_COLUMN])]
+            pixels = self.image_processor(images=images, do_resize=False, do_center_crop=False, return_tensors="pt")[
+                "pixel_values"
+            ]
+        else:
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": torch.as_tensor(batch[LABEL_COLUMN], dtype=torch.long)}
+
+
+def apply_transforms(
+    splits: datasets.DatasetDict, image_processor: Any, *, seed: int = 42, augment: bool = True
+) -> ImageClassificationTransform:
+    """Preprocess every split lazily: augment ``train`` (unless ``augment=False``), only resize the others.
+
+    Returns:
+        The training transform, whose ``epoch`` the trainer advances.
+    """
+    train_transform = ImageClassificationTransform(image_processor, train=augment, seed=seed)
+    for name, split in splits.items():
+        split.set_transform(
+            train_transform if name == "train" else ImageClassificationTransform(image_processor, train=False)
+        )
+    return train_transform

@@ -1,0 +1,225 @@
+"""``register-adapter diagnose``: find artifact tokens in a model's residual stream and draw them.
+
+    register-adapter diagnose --model facebook/dinov2-base photos/ --out diagnosis/
+    register-adapter diagnose --model facebook/dinov2-base --adapter my-registers photos/ --out diagnosis/
+    register-adapter diagnose --model planted:dinov2 photos/ --out diagnosis/      # no download needed
+
+``--model`` also takes a built-in tiny model (``tiny-vit``, ...) or ``planted:<family>``, a model with planted
+artifacts (:func:`register_adapter.testing.make_artifact_model`, 224 px images, 8 px patches) to try the command
+offline. Writes ``report.json`` (``{"model", "adapter", "base", "with_adapter"}``, each report as
+:meth:`~register_adapter.diagnostics.ArtifactReport.to_dict` gives it), ``norm_histograms.png``, ``norm_scale.png``,
+one panel per image under ``panels/`` (at most ``--max-panels``) and, with ``--adapter``, the same for the adapted
+model plus ``before_after.png``. Bad input ends the run with exit status 2 and one ``error:`` line on stderr.
+Also runs as ``python -m register_adapter.diagnose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import image_extensions
+from .diagnostics import (
+    ArtifactReport,
+    as_pixel_values,
+    default_processor,
+    find_artifacts,
+    load_image,
+)
+from .errors import DataError, RegisterAdapterError
+from .tiny import TINY_MODELS, build_tiny_model
+from .viz import artifact_panel, before_after, display_image, norm_histograms, norm_scale_figure, patch_views, save_png
+
+logger = logging.getLogger("register_adapter.diagnose")
+
+PLANTED_PREFIX = "planted:"
+PLANTED_SIZES = {"image_size": 224, "patch_size": 8}
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files named on the command line; folders are searched recursively (sorted, by PIL's extensions). Every
+    file's header is read, so an unreadable file stops the run before any model is loaded.
+
+    Raises:
+        DataError: a path does not exist, a folder holds no image file, or a file is not an image.
+    """
+    extensions = image_extensions()
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            if not found:
+                raise DataError(f"Folder '{path}' holds no image files.")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DataError(f"Image path '{path}' does not exist.")
+    for path in paths:
+        load_image(path, decode=False)
+    return paths
+
+
+def load_model(name: str, adapter: str | None, device: str) -> tuple[nn.Module, Any]:
+    """The model (a ``PeftModel`` with ``adapter``) and its image processor."""
+    import transformers
+
+    if name.startswith(PLANTED_PREFIX):
+        from .testing import make_artifact_model
+
+        planted = make_artifact_model(name[len(PLANTED_PREFIX) :], **PLANTED_SIZES)
+        model, processor = planted.model, planted.processor
+    elif name in TINY_MODELS:
+        model = build_tiny_model(name)
+        processor = default_processor(model)
+    else:
+        model = transformers.AutoModel.from_pretrained(name)
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError):
+            processor = default_processor(model)
+            logger.warning(
+                "No image processor found for %s; resizing to %s px, mean = std = 0.5.", name, processor.size
+            )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.to(device).eval(), processor
+
+
+def _write_pictures(
+    model: nn.Module,
+    report: ArtifactReport,
+    paths: list[Path],
+    processor: Any,
+    out: Path,
+    suffix: str,
+    max_panels: int,
+) -> list[Path]:
+    written = [
+        save_png(norm_histograms(report), out / f"norm_histograms{suffix}.png"),
+        save_png(norm_scale_figure(report), out / f"norm_scale{suffix}.png"),
+    ]
+    shown = paths[:max_panels]
+    if shown:
+        pixel_values = as_pixel_values(shown, model, processor)
+        views = patch_views(model, pixel_values)
+        for index, path in enumerate(shown):
+            image = display_image(pixel_values[index], processor)
+            panel = artifact_panel(report.images[index], views, index, image=image, threshold=report.threshold)
+            written.append(save_png(panel, out / "panels" / f"{index:03d}_{path.stem}{suffix}.png"))
+    return written
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Diagnose, write report.json and the pictures; returns the written files."""
+    paths = collect_images(args.images)
+    model, processor = load_model(args.model, args.adapter, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {
+        "layer": args.layer,
+        "threshold": args.threshold,
+        "processor": processor,
+        "batch_size": args.batch_size,
+        "progress": True,
+        "sources": [str(p) for p in paths],
+    }
+    reports: dict[str, ArtifactReport] = {}
+    if args.adapter is None:
+        reports["base"] = find_artifacts(model, paths, **options)
+    else:
+        with model.disable_adapter():
+            reports["base"] = find_artifacts(model, paths, **options)
+        reports["with_adapter"] = find_artifacts(model, paths, **options)
+    document = {"model": args.model, "adapter": args.adapter, **{k: r.to_dict() for k, r in reports.items()}}
+    report_path = out / "report.json"
+    report_path.write_text(json.dumps(document, indent=1) + "\n")
+    written = [report_path]
+    if args.adapter is None:
+        written += _write_pictures(model, reports["base"], paths, processor, out, "", args.max_panels)
+    else:
+        with model.disable_adapter():
+            written += _write_pictures(model, reports["base"], paths, processor, out, "", args.max_panels)
+        written += _write_pictures(model, reports["with_adapter"], paths, processor, out, "_adapter", args.max_panels)
+        shown = as_pixel_values(paths[:4], model, processor)
+        images = [display_image(pixel_values, processor) for pixel_values in shown]
+        figure = before_after(reports["base"], reports["with_adapter"], images)
+        written.append(save_png(figure, out / "before_after.png"))
+    for name, report in reports.items():
+        sys.stdout.write(_summary(name, report) + "\n")
+    sys.stdout.write(f"wrote {report_path} and {len(written) - 1} PNG files under {out}\n")
+    return written
+
+
+def _summary(name: str, report: ArtifactReport) -> str:
+    first = "never" if report.first_outlier_layer is None else f"from layer {report.first_outlier_layer} on"
+    threshold = "no threshold: one mode" if report.threshold is None else f"threshold {report.threshold:.4g}"
+    return (
+        f"{name}: {len(report.images)} images, {100 * report.outlier_fraction:.2f}% outlier tokens at layer "
+        f"{report.layer} ({threshold}, {report.threshold_method}); outliers {first}"
+    )
+
+
+def _threshold(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="register-adapter diagnose",
+        description="Find artifact (high-norm outlier) tokens in a vision transformer and draw them.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model path or Hub id, a built-in tiny model (tiny-vit, ...), or planted:<family> for a model with "
+        "planted artifacts (vit, deit, dinov2, dinov2-with-registers, clip-vision, clip, siglip, ijepa)",
+    )
+    parser.add_argument("--adapter", help="register adapter (path or Hub id) to compare against the base model")
+    parser.add_argument("--out", required=True, help="output folder for report.json and the PNG files")
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="layer of the per-image maps (1 = first block output, -1 = last; default: last)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        default="auto",
+        help="'auto' (bimodal split, default), a number, or 'mean+<k>std' such as 'mean+3std'",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--max-panels", type=int, default=8, help="draw a panel for at most this many images")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``register-adapter diagnose``: returns an exit status (2 for bad input)."""
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stderr)])
+    try:
+        run(args)
+    except RegisterAdapterError as error:
+        sys.stderr.write(f"register-adapter diagnose: error: {error}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""Artifact diagnostics: which tokens have outlier norms, where, from which layer on, and did registers remove them.
+
+Darcet et al. (https://arxiv.org/abs/2309.16588, Sec. 2) found that large ViTs write high-norm tokens (about 10x the
+others, on about 2 % of the patches, from the middle layers on) into redundant background patches. The norms are
+measured here on the *residual stream*: the output of every transformer block, read with forward hooks. The final
+LayerNorm of HF models (``last_hidden_state``) flattens norms, which is why outliers seem to vanish there.
+
+>>> from register_adapter.diagnostics import find_artifacts
+>>> from register_adapter.testing import make_artifact_model, make_object_images
+>>> planted = make_artifact_model("vit")
+>>> scene = make_object_images(8, planted.image_size)
+>>> report = find_artifacts(planted.model, planted.preprocess(scene.images))
+>>> report.first_outlier_layer == planted.layer
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import find_vision_tower
+from .errors import DataError, InvalidConfigError, UnsupportedModelError
+from .tokens import TokenLayout, split_tokens, token_layout
+
+_SIGMA_RULE = re.compile(r"^mean\+(\d+(?:\.\d+)?)std$")
+#: A second mode of the log-norm histogram counts as artifacts only this far above the median norm.
+MIN_ARTIFACT_RATIO = 2.0
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | Path, *, decode: bool = True) -> Any:
+    """Open an image file as an RGB ``PIL.Image``.
+
+    Args:
+        path: The image file.
+        decode: Decode the pixels; with ``False`` only the header is read (a fast check) and ``None`` returned.
+
+    Raises:
+        DataError: the file does not exist or is not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Image file '{path}' does not exist.")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB") if decode else None
+    except UnidentifiedImageError as error:
+        raise DataError(f"Cannot read image '{path}': not an image file that PIL can decode.") from error
+    except (OSError, ValueError) as error:  # truncated or corrupt image data
+        raise DataError(f"Cannot read image '{path}': {error}.") from error
+
+
+def default_processor(model: nn.Module) -> Any:
+    """The processor used when none is given: resize to the model's ``image_size``, scale to [0, 1] and normalise
+    with mean = std = 0.5 (``ViTImageProcessor``'s defaults)."""
+    from transformers import ViTImageProcessorPil
+
+    size = find_vision_tower(model).config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return ViTImageProcessorPil(size={"height": height, "width": width})
+
+
+def _image_list(images: Any) -> list[Any]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):
+        return [images]
+    return list(images)
+
+
+def as_pixel_values(images: Any, model: nn.Module, processor: Any = None) -> torch.Tensor:
+    """Turn pixel values or images into pixel values (B, 3, H, W).
+
+    Args:
+        images: A tensor (B, 3, H, W) or (3, H, W), used as is; or one or a list of images: ``PIL.Image``, uint8
+            arrays (H, W, 3), or paths to image files.
+        model: The model the pixel values are for (gives the default input size).
+        processor: A Hugging Face image processor; default :func:`default_processor`.
+
+    Raises:
+        DataError: no images, pixel values of the wrong shape, or an image file that cannot be read.
+    """
+    if isinstance(images, torch.Tensor):
+        pixel_values = images if images.ndim == 4 else images.unsqueeze(0)  # (B, 3, H, W)
+    else:
+        loaded = [load_image(image) if isinstance(image, (str, Path)) else image for image in _image_list(images)]
+        if not loaded:
+            raise DataError("No images given.")
+        processor = processor if processor is not None else default_processor(model)
+        pixel_values = processor(images=loaded, return_tensors="pt")["pixel_values"]
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise DataError(f"Expected pixel values of shape (batch, 3, height, width); got {tuple(pixel_values.shape)}.")
+    if pixel_values.shape[0] == 0:
+        raise DataError("No images given.")
+    return pixel_values
+
+
+def batches(pixel_values: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of at most ``batch_size`` images."""
+    if batch_size < 1:
+        raise InvalidConfigError(f"batch_size must be at least 1; got {batch_size}.")
+    yield from pixel_values.split(batch_size)
+
+
+def pixel_batches(
+    images: Any, model: nn.Module, processor: Any = None, batch_size: int = 8
+) -> tuple[int, Iterator[torch.Tensor]]:
+    """The number of images and an iterator over their pixel values, (b, 3, H, W) per batch. Image files are read
+    and preprocessed one batch at a time, so a folder of any size fits in memory."""
+    if batch_size < 1:
+        raise InvalidConfigError(f"batch_size must be at least 1; got {batch_size}.")
+    if isinstance(images, torch.Tensor):
+        pixel_values = as_pixel_values(images, model)
+        return len(pixel_values), batches(pixel_values, batch_size)
+    items = _image_list(images)
+    if not items:
+        raise DataError("No images given.")
+    chunks = (items[start : start + batch_size] for start in range(0, len(items), batch_size))
+    return len(items), (as_pixel_values(chunk, model, processor) for chunk in chunks)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, then restore its training flag."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def run_tower(model: nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+    """One forward pass of the vision tower of ``model`` (the text tower of CLIP is not needed) on the tower's device
+    and dtype. Registers of an active adapter are inserted as in a forward pass of the whole model."""
+    tower = find_vision_tower(model)
+    reference = next(p for p in tower.module.parameters() if p.is_floating_point())
+    return tower.module(pixel_values=pixel_values.to(reference.device, reference.dtype), **kwargs)
+
+
+# -- thresholds ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A norm threshold and how it was chosen.
+
+    Attributes:
+        value: Tokens with a larger norm are outliers; ``None`` when the rule found no outliers to separate.
+        method: ``"fixed"``, ``"mean+<k>std"`` or ``"bimodal"``.
+        note: One sentence on the choice, for reports.
+    """
+
+    value: float | None
+    method: str
+    note: str
+
+
+def bimodal_threshold(norms: np.ndarray, min_ratio: float = MIN_ARTIFACT_RATIO) -> Threshold:
+    """Split token norms at the valley between the main mode and a second, high-norm mode.
+
+    The log norms are smoothed into a density (histogram + Gaussian kernel, bandwidth a third of their robust spread,
+    at least 0.05). A second mode counts when it peaks at least ``min_ratio`` x the median norm and the density
+    between it and the main mode drops below half its height; the threshold is the lowest point of that valley. Unlike
+    Otsu's method, which prefers two classes of similar size, this finds a 2 % minority as well as a 20 % one, and
+    returns no threshold when the distribution has one mode (a clean model).
+
+    Args:
+        norms: (n,) token norms.
+        min_ratio: How far above the median norm the second mode must peak.
+    """
+    x = np.log(np.maximum(np.asarray(norms, dtype=np.float64).ravel(), 1e-12))  # (n,)
+    median = float(np.median(x))
+    spread = 1.4826 * float(np.median(np.abs(x - median)))
+    bandwidth = max(spread / 3, 0.05)
+    low, high = x.min() - 3 * bandwidth, x.max() + 3 * bandwidth
+    bins = 512
+    counts, edges = np.histogram(x, bins=bins, range=(low, high))
+    centers = (edges[:-1] + edges[1:]) / 2  # (bins,)
+    density = ndimage.gaussian_filter1d(counts.astype(np.float64), bandwidth / (edges[1] - edges[0]))
+    main = int(np.argmax(density))
+    peaks = [
+        i
+        for i in range(main + 1, bins - 1)
+        if density[i] >= density[i - 1] and density[i] > density[i + 1] and centers[i] >= median + math.log(min_ratio)
+    ]
+    best = None
+    for peak in peaks:
+        valley = main + int(np.argmin(density[main : peak + 1]))
+        if density[valley] < 0.5 * density[peak] and (best is None or density[peak] > density[best[0]]):
+            best = (peak, valley)
+    if best is None:
+        return Threshold(None, "bimodal", "one mode: no token norm stands apart from the others")
+    peak, valley = best
+    value = float(math.exp(centers[valley]))
+    ratio = math.exp(centers[peak] - median)
+    return Threshold(
+        value, "bimodal", f"valley of the log-norm histogram below a second mode at {ratio:.1f}x the median norm"
+    )
+
+
+def resolve_threshold(rule: float | str, norms: np.ndarray) -> Threshold:
+    """Apply a threshold rule to the patch-token norms (n,) of one layer.
+
+    Args:
+        rule: A positive number (fixed; Darcet et al. use 150 for DINOv2 ViT-g and ViT-L), ``"auto"`` (=
+            ``"bimodal"``, see :func:`bimodal_threshold`), or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, the rule of
+            Jiang et al., https://arxiv.org/abs/2506.08010).
+        norms: Token norms of one layer.
+    """
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
+        if not rule > 0:
+            raise InvalidConfigError(f"A fixed threshold must be positive; got {rule}.")
+        return Threshold(float(rule), "fixed", f"fixed threshold {float(rule):g}")
+    if rule in ("auto", "bimodal"):
+        return bimodal_threshold(norms)
+    match = _SIGMA_RULE.match(rule) if isinstance(rule, str) else None
+    if match is None:
+        raise InvalidConfigError(
+            "threshold must be a positive number, 'auto', 'bimodal' or 'mean+<k>std' (e.g. 'mean+3std'); "
+            f"got {rule!r}."
+        )
+    k = float(match.group(1))
+    value = float(np.mean(norms) + k * np.std(norms))
+    return Threshold(value, f"mean+{match.group(1)}std", f"mean + {k:g} standard deviations of the patch-token norms")
+
+
+# -- the report ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerStats:
+    """Patch-token norm statistics of one layer, over all images.
+
+    Attributes:
+        layer: Index into ``hidden_states``: ``l`` is the output of block ``l`` (1-based).
+        max_norm: Largest patch-token norm.
+        median_norm: Median patch-token norm.
+        p99_norm: 99th percentile of the patch-token norms.
+        threshold: The threshold applied at this layer (``None``: no outliers).
+        outlier_fraction: Fraction of patch tokens above the threshold.
+        cls_norm: Mean norm of the CLS token (``None`` without CLS).
+        register_norms: Mean norm of each register (native ones first).
+    """
+
+    layer: int
+    max_norm: float
+    median_norm: float
+    p99_norm: float
+    threshold: float | None
+    outlier_fraction: float
+    cls_norm: float | None
+    register_norms: list[float]
+
+
+@dataclass
+class ImageArtifacts:
+    """The artifacts of one image at the report's layer.
+
+    Attributes:
+        source: File name or ``"image <i>"``.
+        norm_map: (h, w) patch-token norms.
+        outlier_mask: (h, w) bool, norms above the threshold.
+        outlier_positions: ``(row, column)`` of every outlier.
+        cls_norm: Norm of the CLS token (``None`` without CLS).
+        register_norms: Norm of each register.
+    """
+
+    source: str
+    norm_map: np.ndarray
+    outlier_mask: np.ndarray
+    outlier_positions: list[tuple[int, int]]
+    cls_norm: float | None
+    register_norms: list[float]
+
+
+@dataclass
+class ArtifactReport:
+    """What :func:`find_artifacts` found.
+
+    Attributes:
+        layer: The layer of the per-image maps (index into ``hidden_states``).
+        threshold: The threshold applied at ``layer`` (``None``: no outliers found).
+        threshold_method: ``"fixed"``, ``"mean+<k>std"`` or ``"bimodal"``.
+        threshold_note: How the threshold was chosen, in words.
+        first_outlier_layer: First layer with any outlier, ``None`` if none.
+        grid: ``(h, w)`` of the patch grid.
+        num_registers: Registers in the sequence (native ones and those of the active adapter).
+        layers: Statistics of every block output, ``layers[i].layer == i + 1``.
+        images: Per-image maps at ``layer``.
+        patch_norms: (L, n, N) every patch-token norm (for histograms; not serialised).
+    """
+
+    layer: int
+    threshold: float | None
+    threshold_method: str
+    threshold_note: str
+    first_outlier_layer: int | None
+    grid: tuple[int, int]
+    num_registers: int
+    layers: list[LayerStats]
+    images: list[ImageArtifacts]
+    patch_norms: np.ndarray = field(repr=False)
+
+    @property
+    def outlier_fraction(self) -> float:
+        """Fraction of patch tokens that are outliers at ``layer``."""
+        return float(np.mean([image.outlier_mask.mean() for image in self.images]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (maps as nested lists, norms rounded to 4 significant digits)."""
+
+        def number(value: float | None) -> float | None:
+            return None if value is None else float(f"{value:.4g}")
+
+        return {
+            "layer": self.layer,
+            "threshold": number(self.threshold),
+            "threshold_method": self.threshold_method,
+            "threshold_note": self.threshold_note,
+            "first_outlier_layer": self.first_outlier_layer,
+            "outlier_fraction": number(self.outlier_fraction),
+            "grid": list(self.grid),
+            "num_registers": self.num_registers,
+            "layers": [
+                {
+                    "layer": s.layer,
+                    "max_norm": number(s.max_norm),
+                    "median_norm": number(s.median_norm),
+                    "p99_norm": number(s.p99_norm),
+                    "threshold": number(s.threshold),
+                    "outlier_fraction": number(s.outlier_fraction),
+                    "cls_norm": number(s.cls_norm),
+                    "register_norms": [number(v) for v in s.register_norms],
+                }
+                for s in self.layers
+            ],
+            "images": [
+                {
+                    "source": image.source,
+                    "num_outliers": len(image.outlier_positions),
+                    "outlier_positions": [list(p) for p in image.outlier_positions],
+                    "cls_norm": number(image.cls_norm),
+                    "register_norms": [number(v) for v in image.register_norms],
+                    "norm_map": [[number(v) for v in row] for row in image.norm_map.tolist()],
+                }
+                for image in self.images
+            ],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+
+# -- measuring -------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def block_output_norms(
+    model: nn.Module, images: Any, *, processor: Any = None, batch_size: int = 8, progress: bool = False
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Token norms at the output of every transformer block, (L, B, S), all tokens (registers included), and the
+    (height, width) of the pixel values.
+
+    Forward hooks on the blocks reduce each output to its norms on the fly, so the cost over a plain forward pass
+    is one norm per block output.
+    """
+    blocks = find_vision_tower(model).blocks
+    collected: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def hook(index: int):
+        def fn(module: nn.Module, args: tuple, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output  # (b, S, D)
+            collected[index].append(torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).cpu())  # (b, S)
+
+        return fn
+
+    count, pixel_values = pixel_batches(images, model, processor, batch_size)
+    handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
+    try:
+        with eval_mode(model), tqdm(total=count, desc="find_artifacts", unit="img", disable=not progress) as bar:
+            for batch in pixel_values:
+                run_tower(model, batch)
+                size = tuple(batch.shape[-2:])
+                bar.update(len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([torch.cat(norms) for norms in collected]), size  # (L, B, S)
+
+
+def find_artifacts(
+    model: nn.Module,
+    images_or_pixel_values: Any,
+    *,
+    layer: int | None = None,
+    threshold: float | str = "auto",
+    processor: Any = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    sources: Sequence[str] | None = None,
+) -> ArtifactReport:
+    """Measure token norms on the residual stream and find the outlier ("artifact") tokens.
+
+    Works on every supported family, with or without registers (a ``PeftModel`` with a register adapter included: its
+    registers are reported apart from the patches).
+
+    Args:
+        model: A supported model (``find_vision_tower`` locates its blocks).
+        images_or_pixel_values: Pixel values (B, 3, H, W), or images (PIL, uint8 arrays, file paths).
+        layer: The layer of the per-image maps, as an index into ``hidden_states`` (1 = first block's output,
+            negative counts from the end). Default: the last block's output.
+        threshold: ``"auto"`` (default): the valley below a second, high-norm mode of each layer's log-norm histogram
+            (:func:`bimodal_threshold`): artifacts form such a mode (Darcet et al., Fig. 3), clean models have none,
+            and no model-specific number is needed. Or a positive number (fixed; 150 for DINOv2 ViT-L/g in Darcet et
+            al.) or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, Jiang et al.; it always flags the tail of a clean model).
+        processor: Image processor for images; default :func:`default_processor`.
+        batch_size: Images per forward pass.
+        progress: Show a tqdm progress bar.
+        sources: Names of the images in the report (default ``"image <i>"``).
+
+    Returns:
+        An :class:`ArtifactReport`; ``report.to_json(path)`` writes it.
+    """
+    tower = find_vision_tower(model)
+    layout = token_layout(model)
+    num_layers = len(tower.blocks)
+    layer = num_layers if layer is None else layer
+    if layer < 0:
+        layer += num_layers + 1
+    if not 1 <= layer <= num_layers:
+        raise InvalidConfigError(f"layer must be in [1, {num_layers}] (or negative from the end); got {layer}.")
+    norms, size = block_output_norms(  # (L, B, S)
+        model, images_or_pixel_values, processor=processor, batch_size=batch_size, progress=progress
+    )
+    count = norms.shape[1]
+    sources = list(sources) if sources is not None else [f"image {i}" for i in range(count)]
+    if len(sources) != count:
+        raise InvalidConfigError(f"Got {len(sources)} sources for {count} images.")
+    grid = (size[0] // tower.patch_size, size[1] // tower.patch_size)
+    groups = split_tokens(norms.flatten(0, 1).unsqueeze(-1), layout)  # sequences of norms, one per (layer, image)
+    patches = groups.patches.squeeze(-1).reshape(num_layers, count, -1).numpy()  # (L, B, N)
+    if patches.shape[-1] != grid[0] * grid[1]:
+        raise UnsupportedModelError(
+            f"{type(tower.module).__name__} returned {patches.shape[-1]} patch tokens for a {grid[0]}x{grid[1]} grid; "
+            "find_artifacts needs every patch in order (models that drop or shuffle patches, like ViTMAE's random "
+            "masking, are not supported)."
+        )
+    cls = groups.cls.squeeze(-1).reshape(num_layers, -1).numpy() if groups.cls is not None else None  # (L, B)
+    registers = groups.registers.squeeze(-1).reshape(num_layers, count, -1).numpy()  # (L, B, R)
+    return _report(patches, cls, registers, layer, threshold, grid, sources, layout)
+
+
+def _report(
+    patches: np.ndarray,
+    cls: np.ndarray | None,
+    registers: np.ndarray,
+    layer: int,
+    rule: float | str,
+    grid: tuple[int, int],
+    sources: list[str],
+    layout: TokenLayout,
+) -> ArtifactReport:
+    thresholds = [resolve_threshold(rule, layer_norms.ravel()) for layer_norms in patches]
+    stats = []
+    for index, (layer_norms, chosen) in enumerate(zip(patches, thresholds)):
+        outliers = layer_norms > chosen.value if chosen.value is not None else np.zeros_like(layer_norms, bool)
+        stats.append(
+            LayerStats(
+                layer=index + 1,
+                max_norm=float(layer_norms.max()),
+                median_norm=float(np.median(layer_norms)),
+                p99_norm=float(np.percentile(layer_norms, 99)),
+                threshold=chosen.value,
+                outlier_fraction=float(outliers.mean()),
+                cls_norm=float(cls[index].mean()) if cls is not None else None,
+                register_norms=registers[index].mean(axis=0).tolist(),
+            )
+        )
+    chosen = thresholds[layer - 1]
+    images = []
+    for i, source in enumerate(sources):
+        norm_map = patches[layer - 1, i].reshape(grid)  # (h, w)
+        mask = norm_map > chosen.value if chosen.value is not None else np.zeros(grid, dtype=bool)
+        images.append(
+            ImageArtifacts(
+                source=source,
+                norm_map=norm_map,
+                outlier_mask=mask,
+                outlier_positions=[(int(r), int(c)) for r, c in zip(*np.nonzero(mask))],
+                cls_norm=float(cls[layer - 1, i]) if cls is not None else None,
+                register_norms=registers[layer - 1, i].tolist(),
+            )
+        )
+    first = next((s.layer for s in stats if s.outlier_fraction > 0), None)
+    return ArtifactReport(
+        layer=layer,
+        threshold=chosen.value,
+        threshold_method=chosen.method,
+        threshold_note=chosen.note,
+        first_outlier_layer=first,
+        grid=grid,
+        num_registers=layout.num_all_registers,
+        layers=stats,
+        images=images,
+        patch_norms=patches,
+    )

@@ -1,0 +1,203 @@
+"""Unsupervised single-object discovery with LOST, and the CorLoc metric.
+
+LOST (Siméoni et al., "Localizing Objects with Self-Supervised Transformers and no Labels",
+https://arxiv.org/abs/2109.14279) reads the patch features of one image: background patches are many and alike, so
+the patch correlated positively with the *fewest* others is a seed on the object; the seed grows over its most
+similar low-degree patches, and the box around the connected component that holds the seed is the answer. Artifact
+tokens break it: they correlate with almost nothing and become the seed. With registers, DINOv2's CorLoc on VOC07
+rises from 35.3 to 55.4 (Darcet et al., https://arxiv.org/abs/2309.16588, Table 3).
+
+>>> import torch
+>>> from register_adapter.discovery import corloc, lost
+>>> features = torch.full((4, 4, 2), -1.0); features[1:3, 1:3] = 1.0  # a 2 x 2 object on a 4 x 4 grid
+>>> lost(features.reshape(16, 2), (4, 4)).box
+(1, 1, 3, 3)
+>>> corloc([(10, 10, 30, 30)], [[(12, 10, 30, 32)]])
+1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from .architectures import find_vision_tower
+from .diagnostics import eval_mode, pixel_batches, run_tower
+from .errors import InvalidConfigError
+from .tokens import split_tokens, token_layout
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
+
+# Attribute names of the attention projections inside a block: ``q_proj``/``k_proj``/``v_proj`` in current
+# transformers, ``query``/``key``/``value`` in older modelling code (BEiT, Data2VecVision).
+_PROJECTIONS = {"queries": ("q_proj", "query"), "keys": ("k_proj", "key"), "values": ("v_proj", "value")}
+FEATURES = ("keys", "values", "tokens")
+
+
+@dataclass
+class LostResult:
+    """The outcome of LOST on one image, in patch units.
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` on the patch grid, ``x1``/``y1`` exclusive.
+        seed: ``(row, column)`` of the seed patch.
+        mask: (h, w) bool, the connected component holding the seed.
+    """
+
+    box: Box
+    seed: tuple[int, int]
+    mask: np.ndarray
+
+
+def lost(features: torch.Tensor, grid: tuple[int, int], k_patches: int = 100) -> LostResult:
+    """LOST on the patch features of one image.
+
+    Args:
+        features: (N, C) patch features, row-major over the grid.
+        grid: ``(h, w)`` with ``h * w == N``.
+        k_patches: Size of the low-degree pool the seed expands over (100 in the paper).
+
+    Returns:
+        A :class:`LostResult` in patch units.
+    """
+    h, w = grid
+    features = features.float()
+    similarity = features @ features.T  # (N, N)
+    degree = (similarity > 0).sum(dim=1)  # (N,) positive correlations per patch
+    order = torch.argsort(degree, stable=True)  # lowest degree first
+    seed = int(order[0])
+    pool = order[:k_patches]
+    similar = pool[similarity[seed, pool] > 0]  # the seed is in it: its self-similarity is positive
+    score = similarity[similar].sum(dim=0).reshape(h, w)  # (h, w)
+    components, _ = ndimage.label((score > 0).cpu().numpy())
+    row, col = divmod(seed, w)
+    mask = components == components[row, col]
+    if components[row, col] == 0:  # degenerate features (all zero): the seed alone
+        mask = np.zeros((h, w), dtype=bool)
+        mask[row, col] = True
+    rows, cols = np.nonzero(mask)
+    box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+    return LostResult(box=box, seed=(row, col), mask=mask)
+
+
+def attention_projection(block: nn.Module, kind: str) -> nn.Linear:
+    """The ``"queries"``, ``"keys"`` or ``"values"`` projection of a transformer block."""
+    names = _PROJECTIONS[kind]
+    for name, module in block.named_modules():
+        if name.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear):
+            return module
+    raise InvalidConfigError(
+        f"features={kind!r}: no attention projection named {' or '.join(names)} in {type(block).__name__}."
+        " Use features='tokens'."
+    )
+
+
+@torch.no_grad()
+def patch_features(model: nn.Module, pixel_values: torch.Tensor, features: str = "keys") -> torch.Tensor:
+    """Last-layer patch features that LOST works on, (B, N, C).
+
+    Args:
+        model: A supported model, plain or with registers.
+        pixel_values: (B, 3, H, W).
+        features: ``"keys"`` (attention keys of the last block, heads concatenated; LOST's choice for DINO),
+            ``"values"``, or ``"tokens"`` (the last block's output tokens, each standardised like LayerNorm does).
+    """
+    if features not in FEATURES:
+        raise InvalidConfigError(f"features must be one of {', '.join(map(repr, FEATURES))}; got {features!r}.")
+    tower = find_vision_tower(model)
+    last = tower.blocks[-1]
+    captured = {}
+    if features == "tokens":
+        handle = last.register_forward_hook(
+            lambda module, args, output: captured.setdefault("x", output[0] if isinstance(output, tuple) else output)
+        )
+    else:
+        handle = attention_projection(last, features).register_forward_hook(
+            lambda module, args, output: captured.setdefault("x", output)
+        )
+    try:
+        with eval_mode(model):
+            run_tower(model, pixel_values)
+    finally:
+        handle.remove()
+    sequence = captured["x"]  # (B, S, C)
+    if features == "tokens":
+        sequence = torch.nn.functional.layer_norm(sequence, sequence.shape[-1:])  # (B, S, C)
+    return split_tokens(sequence, token_layout(model)).patches  # (B, N, C)
+
+
+def discover_objects(
+    model: nn.Module,
+    images: Any,
+    *,
+    features: str = "keys",
+    k_patches: int = 100,
+    processor: Any = None,
+    batch_size: int = 16,
+) -> list[Box]:
+    """Find one object per image with LOST; boxes are in pixels of the model input.
+
+    Args:
+        model: A supported model, plain or with registers (a ``PeftModel`` included).
+        images: Pixel values (B, 3, H, W), or images (PIL images, uint8 arrays, paths) turned into pixel values by
+            ``processor`` one batch at a time (see :func:`register_adapter.diagnostics.as_pixel_values`).
+        features: ``"keys"`` (default, as LOST does for DINO), ``"values"`` or ``"tokens"``.
+        k_patches: Size of the low-degree pool the seed expands over.
+        processor: Image processor used when ``images`` are not pixel values.
+        batch_size: Images per forward pass.
+
+    Returns:
+        One ``(x0, y0, x1, y1)`` box per image (``x1``/``y1`` exclusive), in pixels of the model input.
+
+    >>> from register_adapter.testing import make_artifact_model, make_object_images
+    >>> planted = make_artifact_model("dinov2")
+    >>> scene = make_object_images(4, planted.image_size)
+    >>> boxes = discover_objects(planted.oracle, planted.preprocess(scene.images))
+    >>> corloc(boxes, scene.boxes[:, None])
+    1.0
+    """
+    patch_size = find_vision_tower(model).patch_size
+    boxes: list[Box] = []
+    for batch in pixel_batches(images, model, processor, batch_size)[1]:
+        grid = (batch.shape[-2] // patch_size, batch.shape[-1] // patch_size)
+        for image_features in patch_features(model, batch, features):
+            x0, y0, x1, y1 = lost(image_features, grid, k_patches).box
+            boxes.append((x0 * patch_size, y0 * patch_size, x1 * patch_size, y1 * patch_size))
+    return boxes
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return intersection / union if union > 0 else 0.0
+
+
+def corloc(
+    predicted: Sequence[Sequence[float]], ground_truth: Sequence[Sequence[Sequence[float]]], iou_threshold: float = 0.5
+) -> float:
+    """Correct localisation: the fraction of images whose predicted box overlaps *some* ground-truth box of that
+    image with IoU >= ``iou_threshold`` (0.5 in LOST and in the registers paper).
+
+    Args:
+        predicted: One box per image.
+        ground_truth: Per image, a list of boxes (any of them counts).
+        iou_threshold: Minimum IoU of a correct localisation.
+    """
+    if len(predicted) != len(ground_truth):
+        raise InvalidConfigError(
+            f"corloc needs one predicted box per image: got {len(predicted)} predictions for {len(ground_truth)} "
+            "images."
+        )
+    if not predicted:
+        raise InvalidConfigError("corloc needs at least one image.")
+    hits = [any(box_iou(p, g) >= iou_threshold for g in truths) for p, truths in zip(predicted, ground_truth)]
+    return float(np.mean(hits))

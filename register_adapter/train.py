@@ -1,0 +1,463 @@
+"""Train register tokens, a new classification head and optionally LoRA with the HF ``Trainer``.
+
+The command line is ``register-adapter train`` (or ``torchrun --nproc_per_node N -m register_adapter.cli train``,
+or ``accelerate launch -m register_adapter.cli train``); every flag of ``transformers.TrainingArguments`` works::
+
+    register-adapter train --model google/vit-base-patch16-224-in21k --train_dir data/train \\
+        --validation_dir data/val --num_register_tokens 4 --output_dir vit-registers \\
+        --per_device_train_batch_size 64 --num_train_epochs 5 --bf16 --push_to_hub --hub_model_id me/vit-registers
+
+What trains: the register tokens, the new classification head (saved in the adapter through ``modules_to_save``),
+and, with ``--lora_r N``, LoRA on the attention projections of the vision tower, all in one adapter that
+``PeftModel.from_pretrained`` restores whole. At the end the best checkpoint (by validation accuracy) is saved to
+``--output_dir`` with a model card that holds the evaluation metrics and the training setup.
+
+From Python:
+
+>>> from register_adapter.train import parse_args, train
+>>> args = parse_args(["--model", "tiny-vit", "--train_dir", "data/train", "--output_dir", "out"])  # doctest: +SKIP
+>>> trainer = train(*args)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+from peft import PeftConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from .architectures import find_vision_tower
+from .config import RegisterConfig
+from .data import (
+    BAD_IMAGE_POLICIES,
+    IMAGE_CHECKS,
+    LABEL_COLUMN,
+    ImageClassificationTransform,
+    apply_transforms,
+    check_images,
+    load_image_dataset,
+)
+from .errors import InvalidConfigError, RegisterAdapterError, UnsupportedModelError
+from .hub import push_to_hub, render_model_card
+from .metrics import ClassificationMetrics, top_k_predictions
+from .model import add_registers
+from .tiny import TINY_MODELS, build_tiny_model, tiny_image_size
+
+logger = logging.getLogger(__name__)
+
+# RegisterConfig fields that are filled in from the model or by this module, not chosen on the command line.
+_AUTOMATIC_REGISTER_FIELDS = ("family", "hidden_size", "target_modules", "modules_to_save", "method")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to add registers to."""
+
+    model: str = field(
+        metadata={
+            "help": "Path or Hub id of a pretrained vision transformer (ViT, DeiT, DINOv2, CLIP, ...), or the name of "
+            f"a built-in tiny model for offline runs ({', '.join(sorted(TINY_MODELS))})."
+        }
+    )
+    revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where to cache downloaded models and datasets (default: the HF cache)."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation: eager, sdpa or flash_attention_2."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=True,
+        metadata={"help": "Replace a pretrained classification head whose size does not fit the labels by a new one."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the Hub repository (only for repositories you trust)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which images to train on, and how to treat bad ones."""
+
+    train_dir: str | None = field(
+        default=None, metadata={"help": "Training images in imagefolder layout: train_dir/<class name>/<image>."}
+    )
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "Validation images in imagefolder layout, with the training folder's classes."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A datasets dataset instead of folders: Hub name, loading script, or a save_to_disk folder."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    validation_split: str | None = field(
+        default="validation", metadata={"help": "Split of --dataset_name to evaluate on, if it exists."}
+    )
+    image_column_name: str = field(default="image", metadata={"help": "Column of --dataset_name holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column of --dataset_name holding the labels."})
+    train_val_split: float = field(
+        default=0.15,
+        metadata={
+            "help": "Fraction of the training images held out for validation when there is no validation split; "
+            "0 trains on all of them and evaluates nothing."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only this many training images (for quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only this many validation images (for quick runs)."}
+    )
+    on_bad_image: str = field(
+        default="error",
+        metadata={
+            "help": "What to do with images that cannot be read, found before training starts: 'error' stops with "
+            "a list of them, 'skip' leaves them out with a warning.",
+            "choices": list(BAD_IMAGE_POLICIES),
+        },
+    )
+    image_check: str = field(
+        default="decode",
+        metadata={
+            "help": "How to check images before training: 'decode' every image (finds truncated files), 'header' "
+            "only (faster), or 'none'.",
+            "choices": list(IMAGE_CHECKS),
+        },
+    )
+    augment: bool = field(
+        default=True, metadata={"help": "Random resized crop and horizontal flip on training images."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for checking the images before training."}
+    )
+
+
+def _register_arguments_class() -> type:
+    """``RegisterArguments``: the fields of :class:`RegisterConfig` that a user chooses, as command-line arguments.
+
+    Built from ``RegisterConfig`` itself so that the command line always offers the config's current fields, with
+    the config's defaults and help texts.
+    """
+    hints = typing.get_type_hints(RegisterConfig)
+    base_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    fields = []
+    for config_field in dataclasses.fields(RegisterConfig):
+        if config_field.name in base_fields or config_field.name in _AUTOMATIC_REGISTER_FIELDS:
+            continue
+        default = (
+            field(default_factory=config_field.default_factory, metadata=config_field.metadata)
+            if config_field.default_factory is not dataclasses.MISSING
+            else field(default=config_field.default, metadata=config_field.metadata)
+        )
+        fields.append((config_field.name, hints[config_field.name], default))
+    return dataclasses.make_dataclass(
+        "RegisterArguments",
+        fields,
+        namespace={"__doc__": "The RegisterConfig fields chosen on the command line.", "__module__": __name__},
+    )
+
+
+RegisterArguments = _register_arguments_class()
+
+
+@dataclass
+class RegisterTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` with defaults for training registers and a head.
+
+    Evaluation follows ``--save_strategy`` (every epoch by default, or every ``--save_steps``) and the checkpoint with
+    the best validation accuracy is loaded at the end; the learning rate suits adapter parameters (registers, head,
+    LoRA) rather than full fine-tuning.
+    """
+
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Initial AdamW learning rate (adapter parameters train well at 1e-3)."}
+    )
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint: no, steps or epoch."})
+    eval_strategy: str | None = field(
+        default=None, metadata={"help": "When to evaluate: no, steps or epoch. Default: as --save_strategy."}
+    )
+    load_best_model_at_end: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Load the checkpoint with the best --metric_for_best_model at the end. Default: yes when "
+            "checkpoints are saved and evaluated."
+        },
+    )
+    metric_for_best_model: str | None = field(
+        default="accuracy", metadata={"help": "Metric that picks the best checkpoint (accuracy or top5_accuracy)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: images are preprocessed lazily from the raw columns."},
+    )
+
+    def __post_init__(self) -> None:
+        save = str(getattr(self.save_strategy, "value", self.save_strategy))
+        if self.eval_strategy is None:
+            self.eval_strategy = save
+            if save == "steps" and self.eval_steps is None:
+                self.eval_steps = self.save_steps
+        evaluate = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        if self.load_best_model_at_end is None:
+            self.load_best_model_at_end = save != "no" and evaluate != "no"
+        super().__post_init__()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any, RegisterTrainingArguments]:
+    """Parse command-line arguments (or one ``.json``/``.yaml`` file holding them) into the four dataclasses."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, RegisterArguments, RegisterTrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_model(model_args: ModelArguments, labels: list[str]) -> tuple[transformers.PreTrainedModel, Any]:
+    """The image-classification model with a head for ``labels``, and its image processor (PIL backend).
+
+    Raises:
+        UnsupportedModelError: transformers has no image-classification model for this family.
+    """
+    id2label = dict(enumerate(labels))
+    label_kwargs = {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    if model_args.model in TINY_MODELS:
+        model = build_tiny_model(model_args.model, "classification", **label_kwargs)
+        size = tiny_image_size(model_args.model)
+        processor = transformers.ViTImageProcessorPil(size={"height": size, "width": size})
+        return model, processor
+    hub_kwargs = {
+        "revision": model_args.revision,
+        "cache_dir": model_args.cache_dir,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    config = AutoConfig.from_pretrained(model_args.model, **label_kwargs, **hub_kwargs)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            attn_implementation=model_args.attn_implementation,
+            **hub_kwargs,
+        )
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        raise UnsupportedModelError(
+            f"{model_args.model!r} (model_type={config.model_type!r}) has no image-classification model in "
+            "transformers, so no classification head can be trained on it."
+        ) from error
+    processor = AutoImageProcessor.from_pretrained(model_args.model, backend="pil", **hub_kwargs)
+    return model, processor
+
+
+def head_modules(model: transformers.PreTrainedModel) -> list[str]:
+    """Names of the modules outside the vision tower that hold weights: the classification head(s).
+
+    They are new (or task-specific) and must be trained and saved with the registers through ``modules_to_save``.
+    """
+    tower = find_vision_tower(model)
+    tower_root = tower.path.split(".")[0]
+    heads = [
+        name for name, child in model.named_children() if name != tower_root and any(True for _ in child.parameters())
+    ]
+    if not tower.path or not heads:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no classification head outside its vision tower; train registers on an "
+            "image-classification model (e.g. ViTForImageClassification)."
+        )
+    return heads
+
+
+class _AugmentationEpoch(TrainerCallback):
+    """Tells the training transform which epoch starts, so each epoch draws new, reproducible augmentations."""
+
+    def __init__(self, transform: ImageClassificationTransform) -> None:
+        self.transform = transform
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        # state.epoch is the integer epoch at an epoch boundary and a fraction inside the epoch a run resumes in.
+        self.transform.epoch = math.floor(state.epoch or 0)
+
+
+def _resume_value(value: str | None) -> str | bool | None:
+    if value is None or value.lower() in ("", "false", "no", "none"):
+        return None
+    if value.lower() in ("true", "yes", "latest"):
+        return True
+    if not Path(value).is_dir():
+        raise InvalidConfigError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
+    return value
+
+
+def _training_summary(
+    model_args: ModelArguments, register_args: Any, args: TrainingArguments, splits: datasets.DatasetDict, world: int
+) -> dict[str, Any]:
+    summary = {
+        "base model": model_args.model,
+        **{name: getattr(register_args, name) for name in (f.name for f in dataclasses.fields(register_args))},
+        "training images": len(splits["train"]),
+        "validation images": len(splits["validation"]) if "validation" in splits else 0,
+        "classes": splits["train"].features[LABEL_COLUMN].num_classes,
+        "learning rate": args.learning_rate,
+        "global batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+        "max steps": args.max_steps if args.max_steps > 0 else None,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "processes": world,
+        "seed": args.seed,
+    }
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def train(
+    model_args: ModelArguments, data_args: DataArguments, register_args: Any, training_args: TrainingArguments
+) -> Trainer:
+    """Add registers to a classification model, train them (with the head, optionally LoRA), save the best adapter.
+
+    Every problem with the inputs (a missing folder or column, unreadable images, an unsupported model family) is
+    raised before the first training step.
+
+    Returns:
+        The ``Trainer``; ``trainer.model`` is the ``PeftModel`` holding the best (or last) adapter.
+
+    Raises:
+        DataError: the data cannot be used (see :mod:`register_adapter.data`).
+        UnsupportedModelError: the model family cannot take registers or has no classification head.
+    """
+    transformers.set_seed(training_args.seed)
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    with training_args.main_process_first(desc="loading the dataset"):
+        splits = load_image_dataset(
+            train_dir=data_args.train_dir,
+            validation_dir=data_args.validation_dir,
+            dataset_name=data_args.dataset_name,
+            dataset_config_name=data_args.dataset_config_name,
+            train_split=data_args.train_split,
+            validation_split=data_args.validation_split,
+            image_column=data_args.image_column_name,
+            label_column=data_args.label_column_name,
+            train_val_split=data_args.train_val_split,
+            seed=seed,
+            cache_dir=model_args.cache_dir,
+        )
+    labels = splits["train"].features[LABEL_COLUMN].names
+
+    model, image_processor = load_model(model_args, labels)
+    register_kwargs = {f.name: getattr(register_args, f.name) for f in dataclasses.fields(register_args)}
+    model = add_registers(model, modules_to_save=head_modules(model), **register_kwargs)
+    if training_args.should_log:
+        model.print_trainable_parameters()
+
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    with training_args.main_process_first(desc="checking the images"):
+        for name in list(splits):
+            if limits[name] is not None:
+                splits[name] = splits[name].select(range(min(limits[name], len(splits[name]))))
+            splits[name] = check_images(
+                splits[name],
+                on_bad_image=data_args.on_bad_image,
+                check=data_args.image_check,
+                split=name,
+                num_proc=data_args.preprocessing_num_workers,
+            )
+    train_transform = apply_transforms(splits, image_processor, seed=seed, augment=data_args.augment)
+
+    push = training_args.push_to_hub
+    overrides: dict[str, Any] = {"push_to_hub": False, "remove_unused_columns": False}
+    if training_args.label_names is None:
+        overrides["label_names"] = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer it
+    if "validation" not in splits and training_args.eval_strategy != "no":
+        logger.warning("No validation images: evaluation and best-checkpoint selection are turned off.")
+        overrides.update(eval_strategy="no", load_best_model_at_end=False, metric_for_best_model=None)
+    args = dataclasses.replace(training_args, **overrides)
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("validation"),
+        processing_class=image_processor,
+        compute_metrics=ClassificationMetrics(len(labels)),
+        preprocess_logits_for_metrics=top_k_predictions,
+        callbacks=[_AugmentationEpoch(train_transform)],
+    )
+    result = trainer.train(resume_from_checkpoint=_resume_value(args.resume_from_checkpoint))
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    metrics: dict[str, Any] = {}
+    if "validation" in splits:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    if trainer.is_world_process_zero():
+        card_metrics = {k: v for k, v in metrics.items() if k.endswith("accuracy") or k == "eval_loss"}
+        summary = _training_summary(model_args, register_args, args, splits, trainer.accelerator.num_processes)
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        card = render_model_card(
+            peft_model, repo_id=training_args.hub_model_id, metrics=card_metrics, training=summary
+        )
+        card.save(os.path.join(args.output_dir, "README.md"))
+        if push:
+            repo_id = training_args.hub_model_id or Path(args.output_dir).resolve().name
+            url = push_to_hub(
+                peft_model,
+                repo_id,
+                private=training_args.hub_private_repo,
+                token=training_args.hub_token,
+                revision=training_args.hub_revision,
+                metrics=card_metrics,
+                training=summary,
+            )
+            logger.info("Pushed the adapter to %s", url)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``register-adapter train``: parse the arguments, train, return an exit status (2 for bad input)."""
+    model_args, data_args, register_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stderr)],
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    logging.getLogger("register_adapter").setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(level)
+    try:
+        train(model_args, data_args, register_args, training_args)
+    except RegisterAdapterError as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Image data for training: folder and dataset loading, checks before training, augmentation, metrics."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import CLIPImageProcessorPil, EvalPrediction, ViTImageProcessorPil
+
+from register_adapter.data import (
+    ImageClassificationTransform,
+    apply_transforms,
+    check_images,
+    load_image_dataset,
+    load_image_folder,
+    random_resized_crop_box,
+)
+from register_adapter.errors import DataError
+from register_adapter.metrics import ClassificationMetrics, top_k_predictions
+
+COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
+
+
+def make_image(colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (40, 34)) -> PIL.Image.Image:
+    """A noisy image of one dominant colour: classes that a tiny model can tell apart."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255)
+    return PIL.Image.fromarray(pixels.astype(np.uint8))
+
+
+def make_image_folder(root: Path, classes=("blue", "red"), per_class: int = 6, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png`` with ``per_class`` images per class."""
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_image(COLOURS[name], seed=seed + 100 * k + i).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def processor(size: int = 30) -> ViTImageProcessorPil:
+    return ViTImageProcessorPil(size={"height": size, "width": size})
+
+
+# loading -----------------------------------------------------------------------------------------------------------
+
+
+def test_image_folder_labels_are_sorted_class_folders_and_other_files_are_ignored(tmp_path):
+    root = make_image_folder(tmp_path / "train", classes=("red", "blue"), per_class=2)
+    (root / "red" / "notes.txt").write_text("not an image")
+    (root / ".cache").mkdir()
+    dataset = load_image_folder(root)
+    assert dataset.features["label"].names == ["blue", "red"]
+    assert [Path(dataset[i]["image"].filename).parent.name for i in range(4)] == ["blue", "blue", "red", "red"]
+    assert dataset["label"] == [0, 0, 1, 1]
+
+
+def test_missing_folder_is_reported(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(
+        DataError, match=f"^Image folder {re.escape(repr(str(missing)))} does not exist or is not a directory.$"
+    ):
+        load_image_folder(missing)
+
+
+def test_folder_without_class_folders_is_reported(tmp_path):
+    make_image(COLOURS["red"], 0).save(tmp_path / "flat.png")
+    where = repr(str(tmp_path))
+    with pytest.raises(
+        DataError,
+        match=f"^Image folder {re.escape(where)} has no class sub-folders. Expected the imagefolder layout "
+        f"{re.escape(where)}/<class name>/<image file>.$",
+    ):
+        load_image_folder(tmp_path)
+
+
+def test_class_folders_without_images_are_reported(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"^Image folder '.*' holds no image files \(looked for .* in cat, dog\).$"):
+        load_image_folder(tmp_path)
+
+
+def test_validation_folder_with_an_unknown_class_is_reported(tmp_path):
+    make_image_folder(tmp_path / "train", classes=("blue", "red"), per_class=2)
+    make_image_folder(tmp_path / "val", classes=("green", "red"), per_class=1)
+    with pytest.raises(
+        DataError,
+        match=r"^Image folder '.*val' has classes that the training data does not have: green. "
+        r"Known classes: blue, red.$",
+    ):
+        load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+
+
+def test_validation_folder_uses_the_training_label_ids(tmp_path):
+    make_image_folder(tmp_path / "train", classes=("blue", "green", "red"), per_class=2)
+    make_image_folder(tmp_path / "val", classes=("red",), per_class=2)
+    splits = load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+    assert splits["validation"]["label"] == [2, 2]
+    assert splits["validation"].features["label"].names == ["blue", "green", "red"]
+
+
+def test_held_out_validation_is_stratified_and_disjoint(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=10)
+    splits = load_image_dataset(train_dir=str(tmp_path / "train"), train_val_split=0.2, seed=3)
+    assert (len(splits["train"]), len(splits["validation"])) == (16, 4)
+    assert sorted(splits["validation"]["label"]) == [0, 0, 1, 1]
+    train_files = {image.filename for image in splits["train"]["image"]}
+    assert train_files.isdisjoint(image.filename for image in splits["validation"]["image"])
+    assert splits["train"]["sample_id"] == list(range(16))
+
+
+def test_no_validation_split_when_train_val_split_is_zero(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=3)
+    splits = load_image_dataset(train_dir=str(tmp_path / "train"), train_val_split=0.0)
+    assert list(splits) == ["train"]
+    assert len(splits["train"]) == 6
+
+
+def _saved_dataset(tmp_path: Path) -> str:
+    images = [make_image(COLOURS[c], i) for i, c in enumerate(["red", "blue", "red", "blue"])]
+    dataset = datasets.Dataset.from_dict(
+        {"img": images, "fine_label": ["red", "blue", "red", "blue"], "extra": [1, 2, 3, 4]},
+        features=datasets.Features(
+            {"img": datasets.Image(), "fine_label": datasets.Value("string"), "extra": datasets.Value("int64")}
+        ),
+    )
+    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(str(tmp_path / "saved"))
+    return str(tmp_path / "saved")
+
+
+def test_named_dataset_columns_are_renamed_and_string_labels_encoded(tmp_path):
+    path = _saved_dataset(tmp_path)
+    splits = load_image_dataset(
+        dataset_name=path, image_column="img", label_column="fine_label", validation_split="test"
+    )
+    assert splits["train"].column_names == ["image", "label", "sample_id"]
+    assert splits["train"].features["label"].names == ["blue", "red"]
+    assert splits["train"]["label"] == [1, 0, 1, 0]
+    assert splits["validation"]["label"] == [1, 0, 1, 0]
+
+
+def test_missing_label_column_is_reported(tmp_path):
+    path = _saved_dataset(tmp_path)
+    with pytest.raises(
+        DataError,
+        match=rf"^The label column 'label' does not exist in split 'train' of {re.escape(repr(path))}. "
+        r"Available columns: img, fine_label, extra.$",
+    ):
+        load_image_dataset(dataset_name=path, image_column="img")
+
+
+def test_missing_split_is_reported(tmp_path):
+    path = _saved_dataset(tmp_path)
+    with pytest.raises(
+        DataError,
+        match=rf"^The dataset {re.escape(repr(path))} has no split 'training'. Available splits: train, test.$",
+    ):
+        load_image_dataset(dataset_name=path, train_split="training", image_column="img", label_column="fine_label")
+
+
+def test_exactly_one_source_is_required(tmp_path):
+    with pytest.raises(
+        DataError, match="^Give exactly one source of training images: --train_dir or --dataset_name.$"
+    ):
+        load_image_dataset()
+
+
+# checks before training ------------------------------------------------------------------------------------------
+
+
+def _folder_with_corrupt_image(tmp_path: Path) -> tuple[datasets.Dataset, Path]:
+    root = make_image_folder(tmp_path / "train", per_class=4)
+    corrupt = root / "blue" / "001.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return load_image_folder(root), corrupt
+
+
+def test_corrupt_image_in_the_middle_stops_before_training(tmp_path):
+    dataset, corrupt = _folder_with_corrupt_image(tmp_path)
+    with pytest.raises(
+        DataError,
+        match=rf"^1 of 8 train images cannot be read: {re.escape(str(corrupt))} \(.*\). "
+        r"Remove or replace them, or pass --on_bad_image skip to leave them out.$",
+    ):
+        check_images(dataset)
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tmp_path, caplog):
+    dataset, corrupt = _folder_with_corrupt_image(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="register_adapter.data"):
+        kept = check_images(dataset, on_bad_image="skip")
+    assert len(kept) == 7
+    assert str(corrupt) not in [image.filename for image in kept["image"]]
+    assert f"Skipping 1 of 8 train images that cannot be read: {corrupt}" in caplog.text
+
+
+def test_truncated_image_is_found_by_decoding_but_not_by_the_header_check(tmp_path):
+    root = make_image_folder(tmp_path / "train", per_class=2)
+    truncated = root / "red" / "000.jpg"
+    buffer = truncated.with_suffix(".tmp")
+    make_image(COLOURS["red"], 7, size=(128, 128)).save(buffer, format="JPEG")
+    truncated.write_bytes(buffer.read_bytes()[:4000])
+    buffer.unlink()
+    dataset = load_image_folder(root)
+    assert len(check_images(dataset, on_bad_image="skip", check="header")) == 5
+    assert len(check_images(dataset, on_bad_image="skip", check="decode")) == 4
+
+
+def test_all_images_unreadable_is_an_error_even_when_skipping(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"broken")
+    with pytest.raises(
+        DataError, match=r"^2 of 2 train images cannot be read: .* No image of this split can be read.$"
+    ):
+        check_images(load_image_folder(tmp_path), on_bad_image="skip")
+
+
+# augmentation ------------------------------------------------------------------------------------------------------
+
+
+def test_random_resized_crop_box_stays_inside_the_image_and_respects_the_area_range():
+    rng = np.random.default_rng(0)
+    for width, height in [(40, 34), (300, 20), (7, 90)]:
+        for _ in range(200):
+            left, top, right, bottom = random_resized_crop_box(width, height, rng, scale=(0.25, 1.0))
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            ratio = (right - left) / (bottom - top)
+            if (right - left, bottom - top) != (width, height) and 3 / 4 <= width / height <= 4 / 3:
+                assert (right - left) * (bottom - top) >= 0.25 * width * height * 0.8
+                assert 3 / 4 * 0.8 <= ratio <= 4 / 3 * 1.25
+
+
+def test_training_augmentation_is_a_function_of_seed_epoch_and_sample():
+    image = make_image(COLOURS["red"], 0, size=(50, 37))
+    batch = {"image": [image, image], "label": [1, 1], "sample_id": [0, 1]}
+    transform = ImageClassificationTransform(processor(), train=True, seed=5)
+    first = transform(batch)["pixel_values"]
+    assert first.shape == (2, 3, 30, 30)
+    assert not torch.equal(first[0], first[1])  # two samples, two crops
+    assert torch.equal(ImageClassificationTransform(processor(), train=True, seed=5)(batch)["pixel_values"], first)
+    transform.epoch = 1
+    assert not torch.equal(transform(batch)["pixel_values"], first)
+    transform.epoch = 0
+    assert torch.equal(transform(batch)["pixel_values"], first)
+    assert transform(batch)["labels"].tolist() == [1, 1]
+
+
+def test_evaluation_transform_is_the_image_processor_alone():
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    images = [make_image(COLOURS["blue"], 1, size=(48, 36)), make_image(COLOURS["red"], 2, size=(30, 30)).convert("L")]
+    batch = {"image": images, "label": [0, 1], "sample_id": [0, 1]}
+    pixels = ImageClassificationTransform(clip, train=False)(batch)["pixel_values"]
+    expected = clip(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, expected)
+    assert pixels.shape == (2, 3, 30, 30)
+
+
+def test_apply_transforms_augments_only_the_training_split(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=4)
+    splits = load_image_dataset(train_dir=str(tmp_path / "train"), train_val_split=0.25)
+    apply_transforms(splits, processor(), seed=0)
+    for name, augmented in (("train", True), ("validation", False)):
+        item = splits[name][0]
+        assert set(item) == {"pixel_values", "labels"}
+        raw = splits[name].with_format(None)[0]["image"].convert("RGB")
+        plain = processor()(images=[raw], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(item["pixel_values"], plain) is not augmented
+
+
+# metrics -------------------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_and_top5_from_logits_through_the_trainer_hooks():
+    logits = torch.tensor(
+        [
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 0: top-1 hit
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 4: top-5 hit only
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 6: miss
+            [0.0, 0, 0, 0, 0, 0, 1],  # label 6: top-1 hit
+        ]
+    )
+    labels = torch.tensor([0, 4, 6, 6])
+    ranked = top_k_predictions(logits, labels)
+    assert ranked.shape == (4, 5)
+    metrics = ClassificationMetrics(num_labels=7)(EvalPrediction(predictions=ranked.numpy(), label_ids=labels.numpy()))
+    assert metrics == {"accuracy": 0.5, "top5_accuracy": 0.75}
+    raw = ClassificationMetrics(num_labels=7)(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy()))
+    assert raw == metrics
+
+
+def test_top5_is_left_out_with_five_classes_or_fewer_and_tuple_logits_use_the_first():
+    logits = (torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.zeros(2, 2))
+    ranked = top_k_predictions(logits, torch.tensor([1, 1]))
+    assert ranked.tolist() == [[1, 0], [0, 1]]
+    metrics = ClassificationMetrics(num_labels=2)(
+        EvalPrediction(predictions=ranked.numpy(), label_ids=np.array([1, 1]))
+    )
+    assert metrics == {"accuracy": 0.5}

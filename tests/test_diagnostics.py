@@ -1,0 +1,232 @@
+"""find_artifacts: detection against planted ground truth on every family, nothing on clean models, registers and
+thresholds reported, JSON output, and clear errors."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from register_adapter import add_registers
+from register_adapter.diagnostics import bimodal_threshold, find_artifacts, resolve_threshold
+from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
+from register_adapter.testing import make_artifact_model, make_object_images
+from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
+from register_adapter.viz import patch_views
+
+FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
+# Families whose tiny model find_artifacts reads (BEiT/Data2VecVision are refused by the core; ViTMAE drops patches;
+# SigLIP2 takes pre-patchified inputs).
+CLEAN = sorted(set(TINY_MODELS) - {"tiny-beit", "tiny-data2vec-vision", "tiny-vit-mae", "tiny-siglip2"})
+
+
+@functools.cache
+def planted_model(family):
+    return make_artifact_model(family)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_object_images(12, 32, seed=11)
+
+
+def precision_recall(report, truth):
+    predicted = np.stack([image.outlier_mask for image in report.images])
+    hits = (predicted & truth).sum()
+    return hits / max(predicted.sum(), 1), hits / truth.sum()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detects_planted_artifacts(family, scene):
+    planted = planted_model(family)
+    pixel_values = planted.preprocess(scene.images)
+    truth = planted.artifact_mask(pixel_values).numpy()
+    report = find_artifacts(planted.model, pixel_values)
+    precision, recall = precision_recall(report, truth)
+    assert precision >= 0.95 and recall >= 0.95
+    assert report.first_outlier_layer == planted.layer
+    assert [s.outlier_fraction > 0 for s in report.layers] == [layer >= planted.layer for layer in range(1, 7)]
+    assert report.layer == 6 and report.grid == (16, 16) and report.threshold_method == "bimodal"
+    assert [image.outlier_positions for image in report.images] == planted.artifact_positions(pixel_values)
+    last = report.layers[-1]
+    assert last.max_norm / last.median_norm > 10
+    assert last.median_norm < report.threshold < last.max_norm
+
+
+@pytest.mark.parametrize("family", ["dinov2", "clip-vision"])
+def test_oracle_has_no_artifacts(family, scene):
+    planted = planted_model(family)
+    report = find_artifacts(planted.oracle, planted.preprocess(scene.images))
+    assert report.first_outlier_layer is None and report.threshold is None
+    assert report.threshold_note == "one mode: no token norm stands apart from the others"
+
+
+@pytest.mark.parametrize("name", CLEAN)
+def test_clean_random_models_have_no_outliers(name):
+    size = tiny_image_size(name)
+    pixel_values = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    report = find_artifacts(build_tiny_model(name), pixel_values)
+    assert report.first_outlier_layer is None
+    assert all(s.threshold is None and s.outlier_fraction == 0 for s in report.layers)
+    assert all(image.outlier_positions == [] for image in report.images)
+
+
+def test_mean_plus_k_std_flags_the_tail_of_a_clean_model():
+    pixel_values = torch.rand(6, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    report = find_artifacts(build_tiny_model("tiny-vit"), pixel_values, threshold="mean+3std")
+    norms = report.patch_norms[-1]
+    assert report.threshold == pytest.approx(norms.mean() + 3 * norms.std(), rel=1e-6)
+    assert report.threshold_method == "mean+3std"
+    assert report.outlier_fraction == pytest.approx((norms > report.threshold).mean())
+    assert 0 < report.outlier_fraction < 0.02
+
+
+def test_fixed_threshold_and_layer(scene):
+    planted = planted_model("dinov2")
+    pixel_values = planted.preprocess(scene.images)
+    before = find_artifacts(planted.model, pixel_values, layer=planted.layer - 1, threshold=50.0)
+    assert before.layer == 2 and before.threshold == 50.0 and before.threshold_method == "fixed"
+    assert before.outlier_fraction == 0
+    at = find_artifacts(planted.model, pixel_values, layer=planted.layer, threshold=50.0)
+    assert precision_recall(at, planted.artifact_mask(pixel_values).numpy()) == (1.0, 1.0)
+    assert np.array_equal(at.images[3].norm_map, at.patch_norms[planted.layer - 1, 3].reshape(16, 16))
+    last = find_artifacts(planted.model, pixel_values, layer=-1)
+    assert last.layer == 6
+
+
+def test_registers_are_reported_apart_from_patches(scene):
+    planted = make_artifact_model("vit")
+    pixel_values = planted.preprocess(scene.images)
+    truth = planted.artifact_mask(pixel_values).numpy()
+    model = add_registers(planted.model, num_register_tokens=4)
+    report = find_artifacts(model, pixel_values)
+    assert report.num_registers == 4 and report.grid == (16, 16)
+    assert all(len(image.register_norms) == 4 for image in report.images)
+    assert all(len(s.register_norms) == 4 for s in report.layers)
+    precision, recall = precision_recall(report, truth)
+    assert precision >= 0.95 and recall >= 0.95
+    with model.disable_adapter():
+        base = find_artifacts(model, pixel_values)
+    assert base.num_registers == 0 and base.images[0].register_norms == []
+    assert precision_recall(base, truth) == (1.0, 1.0)
+
+
+def test_native_registers_and_cls_norms(scene):
+    planted = planted_model("dinov2-with-registers")
+    report = find_artifacts(planted.model, planted.preprocess(scene.images))
+    assert report.num_registers == 2
+    cls_norms = [image.cls_norm for image in report.images]
+    assert report.layers[-1].cls_norm == pytest.approx(np.mean(cls_norms))
+    assert all(len(image.register_norms) == 2 for image in report.images)
+    no_cls = find_artifacts(planted_model("siglip").model, planted_model("siglip").preprocess(scene.images))
+    assert no_cls.images[0].cls_norm is None and no_cls.layers[0].cls_norm is None
+
+
+def test_images_paths_and_pixel_values_give_the_same_report(scene, tmp_path):
+    planted = planted_model("vit")
+    paths = []
+    for i, image in enumerate(scene.images[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    from_tensor = find_artifacts(planted.model, planted.preprocess(scene.images[:3]))
+    from_arrays = find_artifacts(planted.model, list(scene.images[:3]), processor=planted.processor)
+    from_files = find_artifacts(planted.model, paths, processor=planted.processor, batch_size=2)
+    for report in (from_arrays, from_files):
+        assert [i.outlier_positions for i in report.images] == [i.outlier_positions for i in from_tensor.images]
+        assert np.allclose(report.patch_norms, from_tensor.patch_norms, rtol=1e-4)
+
+
+def test_report_to_json(scene, tmp_path):
+    planted = planted_model("deit")
+    pixel_values = planted.preprocess(scene.images[:4])
+    report = find_artifacts(planted.model, pixel_values, sources=["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    text = report.to_json(tmp_path / "report.json")
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data == json.loads(text)
+    assert data["first_outlier_layer"] == planted.layer and data["layer"] == 6 and data["num_registers"] == 0
+    assert data["threshold"] == pytest.approx(report.threshold, rel=1e-3)
+    assert [image["source"] for image in data["images"]] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    image = data["images"][1]
+    assert np.array(image["norm_map"]).shape == (16, 16)
+    assert [tuple(p) for p in image["outlier_positions"]] == report.images[1].outlier_positions
+    assert image["num_outliers"] == len(report.images[1].outlier_positions)
+    assert [layer["layer"] for layer in data["layers"]] == [1, 2, 3, 4, 5, 6]
+    assert set(data["layers"][0]) == {
+        "layer",
+        "max_norm",
+        "median_norm",
+        "p99_norm",
+        "threshold",
+        "outlier_fraction",
+        "cls_norm",
+        "register_norms",
+    }
+    assert "patch_norms" not in data
+
+
+def test_bimodal_threshold_finds_a_small_second_mode():
+    rng = np.random.default_rng(0)
+    bulk = np.exp(rng.normal(np.log(40.0), 0.25, size=980))
+    artifacts = np.exp(rng.normal(np.log(400.0), 0.1, size=20))
+    chosen = bimodal_threshold(np.concatenate([bulk, artifacts]))
+    assert bulk.max() < chosen.value < artifacts.min()
+    assert chosen.note == "valley of the log-norm histogram below a second mode at 9.8x the median norm"
+    assert bimodal_threshold(bulk).value is None
+
+
+def test_threshold_rules_are_validated():
+    norms = np.ones(10)
+    assert resolve_threshold(150, norms).value == 150.0
+    with pytest.raises(
+        InvalidConfigError,
+        match=r"^threshold must be a positive number, 'auto', 'bimodal' or 'mean\+<k>std' \(e\.g\. 'mean\+3std'\); "
+        r"got 'otsu'\.$",
+    ):
+        resolve_threshold("otsu", norms)
+    with pytest.raises(InvalidConfigError, match=r"^A fixed threshold must be positive; got -1\.$"):
+        resolve_threshold(-1, norms)
+
+
+def test_input_errors(tmp_path):
+    model = build_tiny_model("tiny-vit")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"^Cannot read image '{broken}': not an image file that PIL can decode\\.$"):
+        find_artifacts(model, [broken])
+    with pytest.raises(DataError, match=f"^Image file '{tmp_path / 'missing.png'}' does not exist\\.$"):
+        find_artifacts(model, [tmp_path / "missing.png"])
+    with pytest.raises(DataError, match=r"^No images given\.$"):
+        find_artifacts(model, [])
+    with pytest.raises(
+        DataError, match=r"^Expected pixel values of shape \(batch, 3, height, width\); got \(2, 1, 30, 30\)\.$"
+    ):
+        find_artifacts(model, torch.zeros(2, 1, 30, 30))
+    with pytest.raises(InvalidConfigError, match=r"^layer must be in \[1, 2\] \(or negative from the end\); got 3\.$"):
+        find_artifacts(model, torch.zeros(1, 3, 30, 30), layer=3)
+
+
+def test_models_that_drop_patches_are_refused():
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^ViTMAEModel returned 56 patch tokens for a 15x15 grid; find_artifacts needs every patch in order",
+    ):
+        find_artifacts(build_tiny_model("tiny-vit-mae"), torch.zeros(1, 3, 30, 30))
+
+
+def test_patch_views_show_cls_attention_on_artifacts(scene):
+    planted = planted_model("dinov2")
+    pixel_values = planted.preprocess(scene.images[:6])
+    truth = planted.artifact_mask(pixel_values).numpy()
+    views = patch_views(planted.model, pixel_values, batch_size=4)
+    assert views.attention_kind == "CLS attention" and views.attention.shape == (6, 16, 16)
+    assert (views.attention.sum((1, 2)) > 0.99).all()  # CLS attends to patches, barely to itself
+    mass = (views.attention * truth).sum((1, 2))
+    assert (mass > 10 * truth.mean((1, 2))).all()  # far more than the artifacts' share of the patches
+    assert views.pca.shape == (6, 16, 16, 3) and views.pca.min() >= 0 and views.pca.max() <= 1
+    assert planted.model.config._attn_implementation == "sdpa"  # eager only while drawing
+    oracle = patch_views(planted.oracle, pixel_values)
+    assert ((oracle.attention * truth).sum((1, 2)) < 3 * truth.mean((1, 2))).all()
+    siglip = planted_model("siglip")
+    assert patch_views(siglip.model, pixel_values).attention_kind == "mean attention received"

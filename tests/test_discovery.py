@@ -1,0 +1,98 @@
+"""LOST object discovery and CorLoc: exact on hand-made features, CorLoc on synthetic scenes with known boxes, and
+artifacts breaking LOST as in Darcet et al. (Table 3)."""
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from register_adapter import add_registers
+from register_adapter.discovery import box_iou, corloc, discover_objects, lost
+from register_adapter.errors import InvalidConfigError
+from register_adapter.testing import make_artifact_model, make_object_images
+
+
+@functools.cache
+def planted_model(family):
+    return make_artifact_model(family)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_object_images(16, 32, seed=21)
+
+
+def test_lost_on_hand_made_features():
+    # Background features point one way, those of a 3 x 2 object the other.
+    features = torch.zeros(6, 8, 3)
+    features[..., 0] = -1.0
+    features[2:5, 3:5] = torch.tensor([1.0, 0.5, 0.0])
+    features[3, 4] = torch.tensor([1.0, -1.0, 0.0])
+    result = lost(features.reshape(48, 3), (6, 8), k_patches=10)
+    assert result.seed == (2, 3)  # object patches have the fewest positive correlations (6 vs 42)
+    assert result.box == (3, 2, 5, 5)
+    assert result.mask.sum() == 6 and result.mask[2:5, 3:5].all()
+    # A token correlated with nothing (an artifact) becomes the seed, and LOST returns it alone.
+    features[0, 7] = torch.tensor([0.0, 0.0, 1.0])
+    result = lost(features.reshape(48, 3), (6, 8), k_patches=10)
+    assert result.seed == (0, 7) and result.box == (7, 0, 8, 1)
+
+
+def test_lost_keeps_only_the_seed_component():
+    features = torch.full((5, 9, 2), -1.0)
+    features[1:3, 1:3] = torch.tensor([1.0, 0.0])  # 4 patches
+    features[1:4, 5:8] = torch.tensor([1.0, 0.1])  # 9 patches: more positive correlations than the small blob
+    result = lost(features.reshape(45, 2), (5, 9), k_patches=4)
+    assert result.box == (1, 1, 3, 3)
+
+
+def test_box_iou_and_corloc_numbers():
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert box_iou((0, 0, 10, 10), (10, 10, 20, 20)) == 0.0
+    predicted = [(0, 0, 10, 10), (0, 0, 10, 10), (0, 0, 10, 10)]
+    truth = [[(0, 0, 10, 9)], [(20, 20, 30, 30), (0, 0, 14, 10)], [(5, 0, 15, 10)]]
+    assert corloc(predicted, truth) == pytest.approx(2 / 3)  # IoU 0.9, max(0, 0.71), 0.33
+    assert corloc(predicted, truth, iou_threshold=0.3) == 1.0
+    with pytest.raises(
+        InvalidConfigError, match=r"^corloc needs one predicted box per image: got 3 predictions for 2 images\.$"
+    ):
+        corloc(predicted, truth[:2])
+
+
+@pytest.mark.parametrize("family", ["dinov2", "clip-vision"])
+def test_corloc_on_synthetic_scenes_and_artifacts_break_lost(family, scene):
+    planted = planted_model(family)
+    pixel_values = planted.preprocess(scene.images)
+    truth = scene.boxes[:, None]  # one box per image
+    oracle = {f: corloc(discover_objects(planted.oracle, pixel_values, features=f), truth) for f in ("keys", "tokens")}
+    with_artifacts = corloc(discover_objects(planted.model, pixel_values, features="tokens"), truth)
+    assert oracle["keys"] >= 0.85 and oracle["tokens"] >= 0.95
+    assert with_artifacts <= 0.2  # the seed lands on an artifact token
+
+
+def test_boxes_are_in_pixels_and_registers_are_skipped(scene):
+    planted = planted_model("dinov2")
+    pixel_values = planted.preprocess(scene.images[:6])
+    boxes = discover_objects(planted.oracle, pixel_values)
+    assert all(v % 2 == 0 and 0 <= v <= 32 for box in boxes for v in box)
+    assert all(x0 < x1 and y0 < y1 for x0, y0, x1, y1 in boxes)
+    with_registers = discover_objects(add_registers(copy.deepcopy(planted.oracle), 4), pixel_values)
+    assert with_registers == boxes  # registers initialised near zero change no feature sign
+    from_arrays = discover_objects(planted.oracle, list(scene.images[:6]), processor=planted.processor, batch_size=4)
+    assert from_arrays == boxes
+
+
+def test_unknown_features_are_refused():
+    planted = planted_model("dinov2")
+    with pytest.raises(
+        InvalidConfigError, match=r"^features must be one of 'keys', 'values', 'tokens'; got 'queries'\.$"
+    ):
+        discover_objects(planted.oracle, torch.zeros(1, 3, 32, 32), features="queries")
+
+
+def test_corloc_counts_any_ground_truth_box():
+    boxes = np.array([[0, 0, 8, 8], [8, 8, 16, 16]])
+    assert corloc([(8, 8, 16, 16)], [boxes]) == 1.0
+    assert corloc([(0, 8, 8, 16)], [boxes]) == 0.0

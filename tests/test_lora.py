@@ -1,0 +1,116 @@
+"""LoRA inside a register adapter: one adapter with registers, LoRA and a head, on every family."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import LoraLayer
+from safetensors.torch import load_file
+from testing_common import build, make_inputs, max_diff, tensors
+
+from register_adapter import InvalidConfigError, RegisterConfig, RegisterLayer, add_registers
+from register_adapter.tiny import TINY_MODELS
+
+FAMILIES = ["tiny-vit", "tiny-dinov2", "tiny-clip", "tiny-siglip2", "tiny-dinov3", "tiny-aimv2"]
+
+
+def lora_model(name, task="base", **kwargs):
+    base = build(name, task).requires_grad_(False)
+    model = add_registers(copy.deepcopy(base), 2, init="scaled_randn", lora_r=2, **kwargs)
+    return base, model
+
+
+def train_steps(model, inputs, steps=3):
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        loss = sum(t.float().pow(2).mean() for t in tensors(model(**inputs)) if t.is_floating_point())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_goes_on_the_vision_towers_q_and_v_projections_only(name):
+    _, model = lora_model(name)
+    wrapped = sorted(key for key, module in model.named_modules() if isinstance(module, LoraLayer))
+    assert wrapped and all(key.endswith((".q_proj", ".v_proj")) for key in wrapped)
+    assert not any("text_model" in key for key in wrapped)  # CLIP's text tower keeps its weights
+    trainable = {n.rsplit(".", 2)[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "embeddings"}  # ...embeddings.register_tokens.default
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_registers_lora_and_head_save_and_reload_as_one_adapter(name, tmp_path):
+    task = "classification" if "classification" in TINY_MODELS[name][2] else "base"
+    extra = {"modules_to_save": ["classifier"]} if task == "classification" else {}
+    _, model = lora_model(name, task, **extra)
+    inputs = make_inputs(name)
+    train_steps(model, inputs)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("register_tokens" in key for key in saved)
+    assert sum("lora_A" in key for key in saved) == sum("lora_B" in key for key in saved) > 0
+    assert ("base_model.model.classifier.weight" in saved) == (task == "classification")
+    assert all(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero: it trained
+
+    restored = PeftModel.from_pretrained(build(name, task), tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(restored(**inputs), model(**inputs)) == 0.0
+
+
+def test_disable_adapter_turns_off_registers_and_lora_together():
+    base, model = lora_model("tiny-dinov2")
+    inputs = make_inputs("tiny-dinov2")
+    train_steps(model, inputs)
+    with torch.no_grad():
+        expected = base(**inputs)
+        with model.disable_adapter():
+            assert max_diff(model(**inputs), expected) == 0.0
+        assert max_diff(model(**inputs), expected) > 1e-4
+
+
+def test_adapters_with_and_without_lora_switch_cleanly():
+    base, model = lora_model("tiny-vit")
+    inputs = make_inputs("tiny-vit")
+    train_steps(model, inputs)
+    model.add_adapter("plain", RegisterConfig(num_register_tokens=1, init="zeros"))
+    model.set_adapter("plain")
+    with torch.no_grad():
+        plain = model(**inputs)
+        model.set_adapter("default")
+        with_lora = model(**inputs)
+    # Only the zero register is active in "plain": LoRA of "default" must not leak into it.
+    reference = add_registers(copy.deepcopy(base), 1, init="zeros").eval()
+    with torch.no_grad():
+        assert max_diff(plain, reference(**inputs)) == 0.0
+    assert max_diff(with_lora, plain) > 1e-4
+
+
+def test_unload_gives_back_plain_linear_layers_and_the_trained_head():
+    base, model = lora_model("tiny-vit", "classification", modules_to_save=["classifier"])
+    train_steps(model, make_inputs("tiny-vit"))
+    trained_head = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    restored = model.unload()
+    assert not any(isinstance(m, (LoraLayer, RegisterLayer)) for m in restored.modules())
+    assert type(restored.vit.layers[0].attention.q_proj) is torch.nn.Linear
+    assert type(restored.classifier) is torch.nn.Linear
+    assert torch.equal(restored.classifier.weight, trained_head)
+    assert torch.equal(restored.vit.layers[0].attention.q_proj.weight, base.vit.layers[0].attention.q_proj.weight)
+
+
+def test_lora_targets_must_be_linear_layers():
+    with pytest.raises(InvalidConfigError) as error:
+        lora_model("tiny-vit", lora_target_modules=["attention"])
+    assert str(error.value) == (
+        "lora_target_modules matched layers.0.attention (ViTAttention), but LoRA inside a register adapter wraps "
+        "nn.Linear layers only. Name linear layers, e.g. ['q_proj', 'v_proj']."
+    )
+
+
+@pytest.mark.parametrize("rank", [-1, 1.5, True])
+def test_lora_r_must_be_a_non_negative_int(rank):
+    with pytest.raises(InvalidConfigError) as error:
+        RegisterConfig(lora_r=rank)
+    assert str(error.value) == f"lora_r must be an int >= 0 (0 disables LoRA), got {rank!r}."

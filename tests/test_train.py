@@ -1,0 +1,307 @@
+"""Training with the HF Trainer: what is trained and saved, LoRA in the same adapter, resume after SIGKILL, bad input,
+push to the Hub, and the GPU paths (bf16, fp16, torch.compile)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_data import make_image_folder
+
+from register_adapter import RegisterLayer
+from register_adapter.errors import DataError, UnsupportedModelError
+from register_adapter.tiny import build_tiny_model
+from register_adapter.train import main, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def cli_args(train_dir: Path, output_dir: Path, *extra: str, model: str = "tiny-vit") -> list[str]:
+    """Arguments of a small, deterministic CPU run."""
+    return [
+        "--model", model,
+        "--train_dir", str(train_dir),
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "4",
+        "--use_cpu",
+        "--report_to", "none",
+        "--dataloader_num_workers", "0",
+        "--disable_tqdm", "True",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(*args: str, **kwargs) -> PeftModel:
+    return train(*parse_args(cli_args(*args, **kwargs))).model
+
+
+def registers(model: torch.nn.Module) -> torch.Tensor:
+    layer = next(m for m in model.modules() if isinstance(m, RegisterLayer))
+    return layer.register_tokens["default"].detach().clone()
+
+
+def saved(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def saved_registers(folder: Path) -> torch.Tensor:
+    return next(v for k, v in saved(folder).items() if k.endswith("register_tokens"))
+
+
+def logits(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
+    pixels = torch.rand(3, 3, 30, 30, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(pixel_values=pixels).logits
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "train", per_class=8)
+
+
+def test_training_changes_registers_and_head_only_and_keeps_the_best_adapter(images, tmp_path):
+    out = tmp_path / "out"
+    trainer = train(*parse_args(cli_args(images, out, "--num_train_epochs", "3", "--train_val_split", "0.25")))
+    model = trainer.model
+    fresh = build_tiny_model("tiny-vit", "classification", num_labels=2)
+
+    assert registers(model).abs().max() > 1e-3  # initialised with std 1e-6
+    trained = dict(model.get_base_model().named_parameters())
+    assert not torch.equal(trained["classifier.modules_to_save.default.weight"], fresh.classifier.weight)
+    for name, weight in fresh.vit.named_parameters():
+        trained_name = f"vit.{name}".replace("vit.embeddings.", "vit.embeddings.base_layer.")
+        assert torch.equal(trained[trained_name], weight), name  # the base model stays frozen
+
+    # The output folder holds the adapter (registers + head) and no model weights.
+    weights = [p.name for p in out.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    assert not [w for w in weights if w.startswith(("model", "pytorch_model"))]
+    assert {p.name for p in out.iterdir()} >= ADAPTER_FILES
+    assert sorted(saved(out)) == [
+        "base_model.model.classifier.bias",
+        "base_model.model.classifier.weight",
+        "base_model.model.vit.embeddings.register_tokens",
+    ]
+
+    # The best checkpoint by validation accuracy is the saved adapter.
+    evals = [log for log in trainer.state.log_history if "eval_accuracy" in log]
+    best = max(evals, key=lambda log: log["eval_accuracy"])  # the first of equals, as the Trainer keeps it
+    assert trainer.state.best_model_checkpoint == str(out / f"checkpoint-{best['step']}")
+    assert torch.equal(saved_registers(out), saved_registers(Path(trainer.state.best_model_checkpoint)))
+    assert torch.equal(saved_registers(out), registers(model))
+
+    # Anyone restores it with PeftModel.from_pretrained: identical outputs.
+    restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), out)
+    assert torch.equal(logits(restored), logits(model))
+
+    # The model card reports the final evaluation and the setup.
+    results = json.loads((out / "eval_results.json").read_text())
+    card = (out / "README.md").read_text()
+    assert f"| eval_accuracy | {results['eval_accuracy']:.4g} |" in card
+    assert "| base model | tiny-vit |" in card and "| training images | 12 |" in card
+
+
+def test_lora_registers_and_head_are_one_adapter_that_from_pretrained_restores_whole(images, tmp_path):
+    out = tmp_path / "out"
+    model = run(images, out, "--max_steps", "6", "--train_val_split", "0", "--lora_r", "4", "--learning_rate", "1e-2")
+    keys = sorted(saved(out))
+    assert "base_model.model.vit.embeddings.register_tokens" in keys
+    assert "base_model.model.classifier.weight" in keys
+    assert {k for k in keys if "lora_" in k} == {
+        f"base_model.model.vit.layers.{i}.attention.{proj}.lora_{ab}.weight"
+        for i in range(2)
+        for proj in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
+    lora_b = [v for k, v in saved(out).items() if "lora_B" in k]
+    assert all(v.abs().max() > 0 for v in lora_b)  # LoRA B starts at zero: it trained
+
+    restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), out)
+    assert torch.equal(logits(restored), logits(model))
+    assert torch.equal(registers(restored), registers(model))
+    # Without LoRA the outputs differ: the restored LoRA weights take part.
+    lora_free = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), out)
+    for name, module in lora_free.named_modules():
+        if name.endswith(("q_proj", "v_proj")) and hasattr(module, "scaling"):
+            module.scaling["default"] = 0.0
+    assert not torch.allclose(logits(lora_free), logits(model))
+
+
+KILL_AT_STEP = 4
+
+KILLED_RUN = """
+import os, signal, sys
+from transformers import TrainerCallback
+import register_adapter.train as train_module
+from register_adapter.cli import main
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledTrainer(train_module.Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(KillAfterCheckpoint())
+
+
+train_module.Trainer = KilledTrainer
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_registers(tmp_path):
+    # 12 images, batch 4: 3 steps per epoch; the kill at step 4 lands inside the second epoch, so resuming skips
+    # batches and has to reproduce that epoch's augmentations.
+    data = make_image_folder(tmp_path / "train", per_class=6)
+    schedule = ["--num_train_epochs", "3", "--train_val_split", "0", "--save_strategy", "steps", "--save_steps", "2"]
+    reference = run(data, tmp_path / "reference", *schedule)
+
+    killed = tmp_path / "killed"
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN.format(step=KILL_AT_STEP))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(
+        [sys.executable, str(script), *cli_args(data, killed, *schedule)], env=env, capture_output=True, text=True
+    )
+    assert process.returncode == -9, process.stderr[-3000:]
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert not (killed / "adapter_model.safetensors").exists()  # it never finished
+
+    checkpoint = killed / f"checkpoint-{KILL_AT_STEP}"
+    resumed = run(data, killed, *schedule, "--resume_from_checkpoint", str(checkpoint))
+    assert torch.equal(registers(resumed), registers(reference))
+    assert torch.equal(saved_registers(killed), saved_registers(tmp_path / "reference"))
+    assert torch.equal(logits(resumed), logits(reference))
+
+
+# bad input: a clear message before training starts -------------------------------------------------------------------
+
+
+def test_unsupported_family_is_refused_before_training(images, tmp_path):
+    message = (
+        "BeitModel is not supported: BEiT adds a relative position bias sized to exactly 1 + num_patches tokens in "
+        "every attention layer, so extra tokens cannot be inserted without retraining that bias."
+    )
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(message)}$"):
+        run(images, tmp_path / "out", model="tiny-beit")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_label_column_is_refused_before_training(tmp_path):
+    folder = load_folder_as_saved_dataset(tmp_path)
+    args = cli_args(tmp_path, tmp_path / "out", "--label_column_name", "species")
+    args[args.index("--train_dir") : args.index("--train_dir") + 2] = ["--dataset_name", folder]
+    with pytest.raises(
+        DataError,
+        match=rf"^The label column 'species' does not exist in split 'train' of {re.escape(repr(folder))}. "
+        r"Available columns: image, label.$",
+    ):
+        train(*parse_args(args))
+    assert not (tmp_path / "out").exists()
+
+
+def load_folder_as_saved_dataset(tmp_path: Path) -> str:
+    from register_adapter.data import load_image_folder
+
+    root = make_image_folder(tmp_path / "images", per_class=2)
+    path = str(tmp_path / "saved")
+    load_image_folder(root).save_to_disk(path)
+    return path
+
+
+def test_corrupt_image_stops_the_cli_before_training_or_is_skipped(images, tmp_path, caplog):
+    corrupt = images / "red" / "003.png"
+    corrupt.write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    assert main(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0")) == 2
+    assert f"1 of 16 train images cannot be read: {corrupt}" in caplog.text
+    assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+
+    trainer = train(*parse_args(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0",
+                                         "--on_bad_image", "skip")))  # fmt: skip
+    assert len(trainer.train_dataset) == 15
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_push_to_hub_uploads_the_best_adapter_with_our_card_in_one_commit(images, tmp_path, fake_hub, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)  # a server call
+    out = tmp_path / "out"
+    args = ["--num_train_epochs", "2", "--train_val_split", "0.25", "--push_to_hub", "--hub_model_id", "org/regs"]
+    model = run(images, out, *args)
+    assert len(fake_hub.commits) == 1
+    repo, files = fake_hub.commits[0]
+    assert repo == "org/regs"
+    assert set(files) == ADAPTER_FILES | {"README.md"}
+    snapshot = fake_hub.snapshot("org/regs")
+    card = (snapshot / "README.md").read_text()
+    assert "register_adapter" in card and "| eval_accuracy |" in card and "org/regs" in card
+    restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), snapshot)
+    assert torch.equal(logits(restored), logits(model))
+
+
+# GPU paths: run where CUDA is available ------------------------------------------------------------------------------
+
+
+def _gpu_args(images: Path, out: Path, *extra: str) -> list[str]:
+    args = cli_args(images, out, "--max_steps", "6", "--train_val_split", "0.25", "--eval_strategy", "steps",
+                    "--eval_steps", "3", "--save_steps", "3", "--save_strategy", "steps", *extra)  # fmt: skip
+    args.remove("--use_cpu")
+    return args
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_mixed_precision_training_on_gpu_trains_registers_in_fp32_and_restores(images, tmp_path, precision):
+    out = tmp_path / "out"
+    model = train(*parse_args(_gpu_args(images, out, precision))).model
+    tokens = next(m for m in model.modules() if isinstance(m, RegisterLayer)).register_tokens["default"]
+    assert tokens.device.type == "cuda" and tokens.dtype == torch.float32  # master weights stay fp32 under autocast
+    assert tokens.abs().max() > 1e-3
+    assert saved(out)["base_model.model.vit.embeddings.register_tokens"].dtype == torch.float32
+    restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), out).cuda()
+    pixels = torch.rand(2, 3, 30, 30, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits)
+
+
+@pytest.mark.gpu
+def test_torch_compile_on_gpu_saves_plain_adapter_keys_that_restore(images, tmp_path):
+    out = tmp_path / "out"
+    model = train(*parse_args(_gpu_args(images, out, "--torch_compile"))).model
+    assert all("_orig_mod" not in key for key in saved(out))
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), out).cuda()
+    assert torch.equal(registers(restored), registers(model))
+    pixels = torch.rand(2, 3, 30, 30, device="cuda")
+    with torch.no_grad():
+        expected = getattr(model, "_orig_mod", model).eval()(pixel_values=pixels).logits
+        torch.testing.assert_close(restored.eval()(pixel_values=pixels).logits, expected)
+
+
+def test_cli_help_lists_training_register_and_data_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--train_dir", "--num_register_tokens", "--on_bad_image", "--bf16", "--push_to_hub",
+                 "--resume_from_checkpoint", "--per_device_train_batch_size"):  # fmt: skip
+        assert re.search(rf"^\s+{flag}\b", text, re.MULTILINE), flag
