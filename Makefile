@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast quality style benchmark clean
+.PHONY: install demo test test-gpu quality style benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 -m "not gpu"
 
+test-gpu: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu
+
 quality: install
 	$(BIN)/ruff check register_adapter tests benchmarks examples model_cards
 	$(BIN)/ruff format --check register_adapter tests benchmarks examples model_cards
@@ -28,6 +31,8 @@ style: install
 
 benchmark: install
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/diagnose_throughput.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -67,6 +67,11 @@ logger = logging.getLogger(__name__)
 _AUTOMATIC_REGISTER_FIELDS = ("family", "hidden_size", "target_modules", "modules_to_save", "method")
 
 
+def _choice(choices: tuple[str, ...], help_text: str) -> Any:
+    """A string argument whose default is the first of ``choices``."""
+    return field(default=choices[0], metadata={"help": help_text, "choices": list(choices)})
+
+
 @dataclass
 class ModelArguments:
     """Which model to add registers to."""
@@ -129,21 +134,15 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only this many validation images (for quick runs)."}
     )
-    on_bad_image: str = field(
-        default="error",
-        metadata={
-            "help": "What to do with images that cannot be read, found before training starts: 'error' stops with "
-            "a list of them, 'skip' leaves them out with a warning.",
-            "choices": list(BAD_IMAGE_POLICIES),
-        },
+    on_bad_image: str = _choice(
+        BAD_IMAGE_POLICIES,
+        "What to do with images that cannot be read, found before training starts: 'error' stops with a list of "
+        "them, 'skip' leaves them out with a warning.",
     )
-    image_check: str = field(
-        default="decode",
-        metadata={
-            "help": "How to check images before training: 'decode' every image (finds truncated files), 'header' "
-            "only (faster), or 'none'.",
-            "choices": list(IMAGE_CHECKS),
-        },
+    image_check: str = _choice(
+        IMAGE_CHECKS,
+        "How to check images before training: 'decode' every image (finds truncated files), 'header' only "
+        "(faster), or 'none'.",
     )
     augment: bool = field(
         default=True, metadata={"help": "Random resized crop and horizontal flip on training images."}

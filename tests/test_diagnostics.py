@@ -1,13 +1,13 @@
 """find_artifacts: detection against planted ground truth on every family, nothing on clean models, registers and
 thresholds reported, JSON output, and clear errors."""
 
-import functools
 import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testing_common import planted_model
 
 from register_adapter import add_registers
 from register_adapter.diagnostics import bimodal_threshold, find_artifacts, resolve_threshold
@@ -20,11 +20,6 @@ FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "cl
 # Families whose tiny model find_artifacts reads (BEiT/Data2VecVision are refused by the core; ViTMAE drops patches;
 # SigLIP2 takes pre-patchified inputs).
 CLEAN = sorted(set(TINY_MODELS) - {"tiny-beit", "tiny-data2vec-vision", "tiny-vit-mae", "tiny-siglip2"})
-
-
-@functools.cache
-def planted_model(family):
-    return make_artifact_model(family)
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +225,15 @@ def test_patch_views_show_cls_attention_on_artifacts(scene):
     assert ((oracle.attention * truth).sum((1, 2)) < 3 * truth.mean((1, 2))).all()
     siglip = planted_model("siglip")
     assert patch_views(siglip.model, pixel_values).attention_kind == "mean attention received"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_detects_planted_artifacts_on_cuda(scene, dtype):
+    planted = make_artifact_model("dinov2")
+    pixel_values = planted.preprocess(scene.images)
+    truth = planted.artifact_mask(pixel_values).numpy()
+    report = find_artifacts(planted.model.to("cuda", dtype), pixel_values)  # pixel values follow the model
+    precision, recall = precision_recall(report, truth)
+    assert precision >= 0.95 and recall >= 0.95
+    assert report.first_outlier_layer == planted.layer

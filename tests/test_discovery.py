@@ -2,21 +2,16 @@
 artifacts breaking LOST as in Darcet et al. (Table 3)."""
 
 import copy
-import functools
 
 import numpy as np
 import pytest
 import torch
+from testing_common import planted_model
 
 from register_adapter import add_registers
 from register_adapter.discovery import box_iou, corloc, discover_objects, lost
 from register_adapter.errors import InvalidConfigError
-from register_adapter.testing import make_artifact_model, make_object_images
-
-
-@functools.cache
-def planted_model(family):
-    return make_artifact_model(family)
+from register_adapter.testing import make_object_images
 
 
 @pytest.fixture(scope="module")

@@ -103,3 +103,18 @@ def test_extra_registers_follow_the_native_ones():
     assert torch.equal(registers[:, :2], native.embeddings.base_layer.register_tokens)
     exported = to_dinov2_with_registers(model)
     assert exported.config.num_register_tokens == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_converted_model_equals_the_native_model_on_cuda(attn, dtype):
+    native = native_model("classification", attn).to("cuda", dtype)
+    model = from_dinov2_with_registers(native)
+    x = torch.rand(4, 3, 44, 44, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected = native(x, output_hidden_states=True)
+        got = model(pixel_values=x, output_hidden_states=True)
+    assert got.logits.dtype == dtype and got.logits.device.type == "cuda"
+    assert max_diff(got.hidden_states, expected.hidden_states) == 0.0
+    assert max_diff(got.logits, expected.logits) == 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
@@ -55,3 +57,11 @@ def shapes(output) -> list[tuple[int, ...]]:
 
 def max_diff(a, b) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(tensors(a), tensors(b), strict=True))
+
+
+@functools.cache
+def planted_model(family: str):
+    """``make_artifact_model(family)``, built once per test process."""
+    from register_adapter.testing import make_artifact_model
+
+    return make_artifact_model(family)
