@@ -26,14 +26,9 @@ import torch
 from torch import nn
 
 from .data import image_extensions
-from .diagnostics import (
-    ArtifactReport,
-    as_pixel_values,
-    default_processor,
-    find_artifacts,
-    load_image,
-)
+from .diagnostics import ArtifactReport, find_artifacts
 from .errors import DataError, RegisterAdapterError
+from .images import as_pixel_values, default_processor, load_image
 from .tiny import TINY_MODELS, build_tiny_model
 from .viz import artifact_panel, before_after, display_image, norm_histograms, norm_scale_figure, patch_views, save_png
 

@@ -16,231 +16,22 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import find_vision_tower
-from .errors import DataError, InvalidConfigError, UnsupportedModelError
+from .errors import InvalidConfigError, UnsupportedModelError
+from .images import eval_mode, pixel_batches, run_tower
+from .thresholds import resolve_threshold
 from .tokens import TokenLayout, split_tokens, token_layout
-
-_SIGMA_RULE = re.compile(r"^mean\+(\d+(?:\.\d+)?)std$")
-#: A second mode of the log-norm histogram counts as artifacts only this far above the median norm.
-MIN_ARTIFACT_RATIO = 2.0
-
-
-# -- inputs ----------------------------------------------------------------------------------------------------------
-
-
-def load_image(path: str | Path, *, decode: bool = True) -> Any:
-    """Open an image file as an RGB ``PIL.Image``.
-
-    Args:
-        path: The image file.
-        decode: Decode the pixels; with ``False`` only the header is read (a fast check) and ``None`` returned.
-
-    Raises:
-        DataError: the file does not exist or is not a readable image.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Image file '{path}' does not exist.")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB") if decode else None
-    except UnidentifiedImageError as error:
-        raise DataError(f"Cannot read image '{path}': not an image file that PIL can decode.") from error
-    except (OSError, ValueError) as error:  # truncated or corrupt image data
-        raise DataError(f"Cannot read image '{path}': {error}.") from error
-
-
-def default_processor(model: nn.Module) -> Any:
-    """The processor used when none is given: resize to the model's ``image_size``, scale to [0, 1] and normalise
-    with mean = std = 0.5 (``ViTImageProcessor``'s defaults)."""
-    from transformers import ViTImageProcessorPil
-
-    size = find_vision_tower(model).config.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return ViTImageProcessorPil(size={"height": height, "width": width})
-
-
-def _image_list(images: Any) -> list[Any]:
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
-    if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):
-        return [images]
-    return list(images)
-
-
-def as_pixel_values(images: Any, model: nn.Module, processor: Any = None) -> torch.Tensor:
-    """Turn pixel values or images into pixel values (B, 3, H, W).
-
-    Args:
-        images: A tensor (B, 3, H, W) or (3, H, W), used as is; or one or a list of images: ``PIL.Image``, uint8
-            arrays (H, W, 3), or paths to image files.
-        model: The model the pixel values are for (gives the default input size).
-        processor: A Hugging Face image processor; default :func:`default_processor`.
-
-    Raises:
-        DataError: no images, pixel values of the wrong shape, or an image file that cannot be read.
-    """
-    if isinstance(images, torch.Tensor):
-        pixel_values = images if images.ndim == 4 else images.unsqueeze(0)  # (B, 3, H, W)
-    else:
-        loaded = [load_image(image) if isinstance(image, (str, Path)) else image for image in _image_list(images)]
-        if not loaded:
-            raise DataError("No images given.")
-        processor = processor if processor is not None else default_processor(model)
-        pixel_values = processor(images=loaded, return_tensors="pt")["pixel_values"]
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-        raise DataError(f"Expected pixel values of shape (batch, 3, height, width); got {tuple(pixel_values.shape)}.")
-    if pixel_values.shape[0] == 0:
-        raise DataError("No images given.")
-    return pixel_values
-
-
-def batches(pixel_values: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive slices of at most ``batch_size`` images."""
-    if batch_size < 1:
-        raise InvalidConfigError(f"batch_size must be at least 1; got {batch_size}.")
-    yield from pixel_values.split(batch_size)
-
-
-def pixel_batches(
-    images: Any, model: nn.Module, processor: Any = None, batch_size: int = 8
-) -> tuple[int, Iterator[torch.Tensor]]:
-    """The number of images and an iterator over their pixel values, (b, 3, H, W) per batch. Image files are read
-    and preprocessed one batch at a time, so a folder of any size fits in memory."""
-    if batch_size < 1:
-        raise InvalidConfigError(f"batch_size must be at least 1; got {batch_size}.")
-    if isinstance(images, torch.Tensor):
-        pixel_values = as_pixel_values(images, model)
-        return len(pixel_values), batches(pixel_values, batch_size)
-    items = _image_list(images)
-    if not items:
-        raise DataError("No images given.")
-    chunks = (items[start : start + batch_size] for start in range(0, len(items), batch_size))
-    return len(items), (as_pixel_values(chunk, model, processor) for chunk in chunks)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode, then restore its training flag."""
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
-
-
-def run_tower(model: nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
-    """One forward pass of the vision tower of ``model`` (the text tower of CLIP is not needed) on the tower's device
-    and dtype. Registers of an active adapter are inserted as in a forward pass of the whole model."""
-    tower = find_vision_tower(model)
-    reference = next(p for p in tower.module.parameters() if p.is_floating_point())
-    return tower.module(pixel_values=pixel_values.to(reference.device, reference.dtype), **kwargs)
-
-
-# -- thresholds ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """A norm threshold and how it was chosen.
-
-    Attributes:
-        value: Tokens with a larger norm are outliers; ``None`` when the rule found no outliers to separate.
-        method: ``"fixed"``, ``"mean+<k>std"`` or ``"bimodal"``.
-        note: One sentence on the choice, for reports.
-    """
-
-    value: float | None
-    method: str
-    note: str
-
-
-def bimodal_threshold(norms: np.ndarray, min_ratio: float = MIN_ARTIFACT_RATIO) -> Threshold:
-    """Split token norms at the valley between the main mode and a second, high-norm mode.
-
-    The log norms are smoothed into a density (histogram + Gaussian kernel, bandwidth a third of their robust spread,
-    at least 0.05). A second mode counts when it peaks at least ``min_ratio`` x the median norm and the density
-    between it and the main mode drops below half its height; the threshold is the lowest point of that valley. Unlike
-    Otsu's method, which prefers two classes of similar size, this finds a 2 % minority as well as a 20 % one, and
-    returns no threshold when the distribution has one mode (a clean model).
-
-    Args:
-        norms: (n,) token norms.
-        min_ratio: How far above the median norm the second mode must peak.
-    """
-    x = np.log(np.maximum(np.asarray(norms, dtype=np.float64).ravel(), 1e-12))  # (n,)
-    median = float(np.median(x))
-    spread = 1.4826 * float(np.median(np.abs(x - median)))
-    bandwidth = max(spread / 3, 0.05)
-    low, high = x.min() - 3 * bandwidth, x.max() + 3 * bandwidth
-    bins = 512
-    counts, edges = np.histogram(x, bins=bins, range=(low, high))
-    centers = (edges[:-1] + edges[1:]) / 2  # (bins,)
-    density = ndimage.gaussian_filter1d(counts.astype(np.float64), bandwidth / (edges[1] - edges[0]))
-    main = int(np.argmax(density))
-    peaks = [
-        i
-        for i in range(main + 1, bins - 1)
-        if density[i] >= density[i - 1] and density[i] > density[i + 1] and centers[i] >= median + math.log(min_ratio)
-    ]
-    best = None
-    for peak in peaks:
-        valley = main + int(np.argmin(density[main : peak + 1]))
-        if density[valley] < 0.5 * density[peak] and (best is None or density[peak] > density[best[0]]):
-            best = (peak, valley)
-    if best is None:
-        return Threshold(None, "bimodal", "one mode: no token norm stands apart from the others")
-    peak, valley = best
-    value = float(math.exp(centers[valley]))
-    ratio = math.exp(centers[peak] - median)
-    return Threshold(
-        value, "bimodal", f"valley of the log-norm histogram below a second mode at {ratio:.1f}x the median norm"
-    )
-
-
-def resolve_threshold(rule: float | str, norms: np.ndarray) -> Threshold:
-    """Apply a threshold rule to the patch-token norms (n,) of one layer.
-
-    Args:
-        rule: A positive number (fixed; Darcet et al. use 150 for DINOv2 ViT-g and ViT-L), ``"auto"`` (=
-            ``"bimodal"``, see :func:`bimodal_threshold`), or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, the rule of
-            Jiang et al., https://arxiv.org/abs/2506.08010).
-        norms: Token norms of one layer.
-    """
-    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
-        if not rule > 0:
-            raise InvalidConfigError(f"A fixed threshold must be positive; got {rule}.")
-        return Threshold(float(rule), "fixed", f"fixed threshold {float(rule):g}")
-    if rule in ("auto", "bimodal"):
-        return bimodal_threshold(norms)
-    match = _SIGMA_RULE.match(rule) if isinstance(rule, str) else None
-    if match is None:
-        raise InvalidConfigError(
-            "threshold must be a positive number, 'auto', 'bimodal' or 'mean+<k>std' (e.g. 'mean+3std'); "
-            f"got {rule!r}."
-        )
-    k = float(match.group(1))
-    value = float(np.mean(norms) + k * np.std(norms))
-    return Threshold(value, f"mean+{match.group(1)}std", f"mean + {k:g} standard deviations of the patch-token norms")
-
 
 # -- the report ------------------------------------------------------------------------------------------------------
 
@@ -432,7 +223,7 @@ def find_artifacts(
         layer: The layer of the per-image maps, as an index into ``hidden_states`` (1 = first block's output,
             negative counts from the end). Default: the last block's output.
         threshold: ``"auto"`` (default): the valley below a second, high-norm mode of each layer's log-norm histogram
-            (:func:`bimodal_threshold`): artifacts form such a mode (Darcet et al., Fig. 3), clean models have none,
+            (:func:`~register_adapter.thresholds.bimodal_threshold`): artifacts form such a mode (Darcet et al., Fig. 3), clean models have none,
             and no model-specific number is needed. Or a positive number (fixed; 150 for DINOv2 ViT-L/g in Darcet et
             al.) or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, Jiang et al.; it always flags the tail of a clean model).
         processor: Image processor for images; default :func:`default_processor`.

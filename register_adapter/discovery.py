@@ -28,8 +28,8 @@ from scipy import ndimage
 from torch import nn
 
 from .architectures import find_vision_tower
-from .diagnostics import eval_mode, pixel_batches, run_tower
 from .errors import InvalidConfigError
+from .images import eval_mode, pixel_batches, run_tower
 from .tokens import split_tokens, token_layout
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
@@ -146,7 +146,7 @@ def discover_objects(
     Args:
         model: A supported model, plain or with registers (a ``PeftModel`` included).
         images: Pixel values (B, 3, H, W), or images (PIL images, uint8 arrays, paths) turned into pixel values by
-            ``processor`` one batch at a time (see :func:`register_adapter.diagnostics.as_pixel_values`).
+            ``processor`` one batch at a time (see :func:`register_adapter.images.as_pixel_values`).
         features: ``"keys"`` (default, as LOST does for DINO), ``"values"`` or ``"tokens"``.
         k_patches: Size of the low-degree pool the seed expands over.
         processor: Image processor used when ``images`` are not pixel values.

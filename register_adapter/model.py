@@ -173,8 +173,8 @@ def add_registers(
     >>> from register_adapter import add_registers
     >>> from register_adapter.tiny import build_tiny_model
     >>> model = add_registers(build_tiny_model("tiny-dinov2"), num_register_tokens=4)
-    >>> model.print_trainable_parameters()
-    trainable params: 128 || all params: 66,688 || trainable%: 0.1919
+    >>> model.get_nb_trainable_parameters()  # 4 registers x hidden size 32 train, the base model stays frozen
+    (128, 33440)
     """
     config = RegisterConfig(num_register_tokens=num_register_tokens, **config_kwargs)
     if config.base_model_name_or_path is None:

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from .architectures import VisionTower, find_vision_tower
-from .diagnostics import run_tower
 from .discovery import attention_projection
 from .errors import InvalidConfigError, UnsupportedModelError
+from .images import run_tower
 from .tiny import TINY_MODELS, build_tiny_model
 
 # Residual-stream channels with a planted meaning; every other channel carries patch content.

@@ -31,7 +31,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .architectures import find_vision_tower
-from .diagnostics import ArtifactReport, ImageArtifacts, batches, eval_mode, run_tower
+from .diagnostics import ArtifactReport, ImageArtifacts
+from .images import batches, eval_mode, run_tower
 from .tokens import split_tokens, token_layout
 
 _OUTLIER_COLOR = (1.0, 0.1, 0.1, 0.75)

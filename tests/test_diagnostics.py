@@ -10,9 +10,10 @@ from PIL import Image
 from testing_common import planted_model
 
 from register_adapter import add_registers
-from register_adapter.diagnostics import bimodal_threshold, find_artifacts, resolve_threshold
+from register_adapter.diagnostics import find_artifacts
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
 from register_adapter.testing import make_artifact_model, make_object_images
+from register_adapter.thresholds import bimodal_threshold, resolve_threshold
 from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
 from register_adapter.viz import patch_views
 

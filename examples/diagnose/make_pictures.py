@@ -24,8 +24,9 @@ import numpy as np
 from PIL import Image
 
 from register_adapter.diagnose import PLANTED_SIZES
-from register_adapter.diagnostics import find_artifacts, load_image
+from register_adapter.diagnostics import find_artifacts
 from register_adapter.discovery import corloc, discover_objects
+from register_adapter.images import load_image
 from register_adapter.testing import make_artifact_model, make_object_images
 from register_adapter.viz import (
     artifact_panel,
