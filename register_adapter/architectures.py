@@ -219,6 +219,10 @@ class VisionTower:
     def submodule(self, path: str) -> nn.Module:
         return self.module.get_submodule(path)
 
+    def key(self, path: str) -> str:
+        """The dotted name, in the model given to :func:`find_vision_tower`, of ``path`` inside the tower."""
+        return f"{self.path}.{path}" if self.path else path
+
     def mlp_out_proj(self, block: nn.Module) -> nn.Module:
         """The MLP output projection of ``block``; its input is the MLP hidden activation."""
         for path in self.spec.mlp_out_proj:

@@ -93,9 +93,9 @@ class RegisterConfig(PeftConfig):
     )
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the LoRA branch."})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "Names of the linear layers in each block that get LoRA; default q_proj and v_proj."},
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Names of the linear layers in each block that get LoRA."},
     )
 
     def __post_init__(self) -> None:

@@ -13,7 +13,6 @@ from peft import PeftModel
 
 from .config import RegisterConfig
 from .errors import InvalidConfigError
-from .lora import DEFAULT_TARGETS
 
 CARD_TEMPLATE = "adapter_card.md"
 METHOD_DESCRIPTIONS = {
@@ -56,7 +55,7 @@ def render_model_card(
     load_kwargs = f", num_labels={base.config.num_labels}" if load_class.endswith("ForImageClassification") else ""
     lora = ""
     if config.lora_r:
-        targets = ", ".join(f"`{name}`" for name in config.lora_target_modules or DEFAULT_TARGETS)
+        targets = ", ".join(f"`{name}`" for name in config.lora_target_modules)
         lora = f"rank {config.lora_r}, alpha {config.lora_alpha} on {targets}"
     tags = ["register_adapter", "registers", "vision-transformer", str(config.family), f"registers-{config.method}"]
     card_data = ModelCardData(

@@ -12,7 +12,7 @@ from torch import nn
 
 from .architectures import VisionTower
 from .config import RegisterConfig
-from .errors import InvalidConfigError
+from .errors import InvalidConfigError, MergeNotSupportedError
 
 
 def _floating_param(module: nn.Module) -> torch.Tensor | None:
@@ -205,8 +205,6 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         return args, kwargs
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
-        from .errors import MergeNotSupportedError
-
         raise MergeNotSupportedError(MERGE_MESSAGE)
 
     def unmerge(self) -> None:

@@ -17,8 +17,6 @@ from torch import nn
 
 from .errors import InvalidConfigError
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")
-
 
 def lora_config(config) -> LoraConfig:
     """The ``LoraConfig`` that PEFT's LoRA layers read for a register config with ``lora_r > 0``."""
@@ -26,7 +24,7 @@ def lora_config(config) -> LoraConfig:
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules or DEFAULT_TARGETS),
+        target_modules=list(config.lora_target_modules),
     )
 
 

@@ -15,7 +15,7 @@ from .architectures import find_vision_tower
 from .config import REGISTERS, RegisterConfig
 from .errors import AdapterMismatchError, MergeNotSupportedError
 from .layer import MERGE_MESSAGE, RegisterLayer
-from .lora import DEFAULT_TARGETS, add_lora, lora_pattern
+from .lora import add_lora, lora_pattern
 
 PREFIX = "register_tokens"
 
@@ -42,10 +42,9 @@ class RegisterModel(BaseTuner):
                 )
         peft_config.family = tower.spec.name
         peft_config.hidden_size = tower.hidden_size
-        peft_config.target_modules = re.escape(_join(tower.path, tower.spec.embeddings))
+        peft_config.target_modules = re.escape(tower.key(tower.spec.embeddings))
         if peft_config.lora_r:
-            names = peft_config.lora_target_modules or DEFAULT_TARGETS
-            lora = lora_pattern(_join(tower.path, tower.spec.layers), names)
+            lora = lora_pattern(tower.key(tower.spec.layers), peft_config.lora_target_modules)
             peft_config.target_modules = f"{peft_config.target_modules}|{lora}"
         return peft_config
 
@@ -60,7 +59,7 @@ class RegisterModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         tower = find_vision_tower(self.model)
-        if current_key != _join(tower.path, tower.spec.embeddings):
+        if current_key != tower.key(tower.spec.embeddings):
             new_lora = add_lora(target, adapter_name, peft_config, current_key)
             if new_lora is not None:
                 if adapter_name not in self.active_adapters:
@@ -105,10 +104,6 @@ class RegisterModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-
-
-def _join(*parts: str) -> str:
-    return ".".join(part for part in parts if part)
 
 
 def register_peft_type() -> None:

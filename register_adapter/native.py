@@ -72,7 +72,7 @@ def from_dinov2_with_registers(
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("embeddings.register_tokens")}
     if antialias:
         empty = registers[:, :0].clone()  # (1, 0, D)
-        state[".".join(p for p in (tower.path, "embeddings.register_tokens") if p)] = empty
+        state[tower.key("embeddings.register_tokens")] = empty
         base = _rebuild(model, name, transformers.Dinov2WithRegistersConfig, state, num_register_tokens=0)
     else:
         base = _rebuild(model, _NATIVE_TO_DINOV2[name], transformers.Dinov2Config, state)
@@ -104,7 +104,7 @@ def to_dinov2_with_registers(model: PeftModel) -> torch.nn.Module:
         )
     ours = torch.cat([layer.register_tokens[n] for n in layer.active_adapters], dim=1).detach()  # (1, R, D)
     native = getattr(layer.base_layer, "register_tokens", ours[:, :0]).detach()  # (1, R0, D)
-    embeddings_key = ".".join(p for p in (tower.path, "embeddings") if p)
+    embeddings_key = tower.key("embeddings")
     state = {}
     for key, value in base.state_dict().items():
         if key.startswith(f"{embeddings_key}.register_tokens."):

@@ -9,7 +9,7 @@ from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import load_file
 from testing_common import build, make_inputs, max_diff, tensors
 
-from register_adapter import InvalidConfigError, RegisterConfig, RegisterLayer, add_registers
+from register_adapter import InvalidConfigError, RegisterConfig, RegisterLayer, add_registers, find_vision_tower
 from register_adapter.tiny import TINY_MODELS
 
 FAMILIES = ["tiny-vit", "tiny-dinov2", "tiny-clip", "tiny-siglip2", "tiny-dinov3", "tiny-aimv2"]
@@ -34,11 +34,16 @@ def train_steps(model, inputs, steps=3):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_lora_goes_on_the_vision_towers_q_and_v_projections_only(name):
     _, model = lora_model(name)
+    tower = find_vision_tower(model)
     wrapped = sorted(key for key, module in model.named_modules() if isinstance(module, LoraLayer))
-    assert wrapped and all(key.endswith((".q_proj", ".v_proj")) for key in wrapped)
-    assert not any("text_model" in key for key in wrapped)  # CLIP's text tower keeps its weights
-    trainable = {n.rsplit(".", 2)[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B", "embeddings"}  # ...embeddings.register_tokens.default
+    # Two per block of the vision tower; never a text tower (CLIPModel has one with the same layer names).
+    assert len(wrapped) == 2 * len(tower.blocks)
+    assert not any("text_model" in key for key in wrapped)
+    assert {key.rsplit(".", 1)[-1] for key in wrapped} == {"q_proj", "v_proj"}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    registers = [n for n in trainable if n.endswith("embeddings.register_tokens.default")]
+    lora = [n for n in trainable if ".lora_A.default." in n or ".lora_B.default." in n]
+    assert len(registers) == 1 and len(lora) == 2 * len(wrapped) and len(trainable) == 1 + len(lora)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
