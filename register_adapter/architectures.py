@@ -57,6 +57,8 @@ class FamilySpec:
         unpad_mask_at: Modules after ``strip_at`` that receive the same mask and must get it without registers.
         embeddings: Attribute name of the embeddings module.
         native_register_attribute: Attribute of the embeddings holding registers the architecture has itself.
+        image_input: Whether the tower takes images as (B, 3, H, W) ``pixel_values`` on a fixed patch grid (SigLIP2
+            takes pre-patchified sequences with per-image spatial shapes instead); the diagnostics need it.
     """
 
     name: str
@@ -71,6 +73,7 @@ class FamilySpec:
     unpad_mask_at: tuple[str, ...] = ()
     embeddings: str = "embeddings"
     native_register_attribute: str | None = None
+    image_input: bool = True
 
 
 _VIT_LIKE = {"layers": "layers", "strip_at": "layernorm", "mlp_out_proj": ("mlp.fc2",)}
@@ -153,6 +156,7 @@ for _spec in (
         has_cls=False,
         mask_argument="pixel_attention_mask",
         unpad_mask_at=("head",),
+        image_input=False,
     ),
     FamilySpec(
         name="aimv2",

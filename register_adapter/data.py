@@ -387,7 +387,7 @@ class ImageClassificationTransform:
         return image
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        images = [image.convert("RGB") for image in batch[IMAGE_COLUMN]]
+        images = [image if image.mode == "RGB" else image.convert("RGB") for image in batch[IMAGE_COLUMN]]
         if self.train:
             images = [self.augment(image, int(i)) for image, i in zip(images, batch[SAMPLE_ID_COLUMN])]
             pixels = self.image_processor(images=images, do_resize=False, do_center_crop=False, return_tensors="pt")[

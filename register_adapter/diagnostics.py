@@ -174,31 +174,31 @@ def block_output_norms(
     """Token norms at the output of every transformer block, (L, B, S), all tokens (registers included), and the
     (height, width) of the pixel values.
 
-    Forward hooks on the blocks reduce each output to its norms on the fly, so the cost over a plain forward pass
-    is one norm per block output.
+    Forward hooks on the blocks reduce each output to its norms on the fly, on the model's device; the norms of a
+    batch are copied to the CPU once, after its forward pass.
     """
     blocks = find_vision_tower(model).blocks
-    collected: list[list[torch.Tensor]] = [[] for _ in blocks]
+    collected: list[torch.Tensor] = []  # (L, b, S) per batch
+    current: list[torch.Tensor] = []  # (b, S) per block of the running batch
 
-    def hook(index: int):
-        def fn(module: nn.Module, args: tuple, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output  # (b, S, D)
-            collected[index].append(torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32).cpu())  # (b, S)
-
-        return fn
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output  # (b, S, D)
+        current.append(torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32))  # (b, S)
 
     count, pixel_values = pixel_batches(images, model, processor, batch_size)
-    handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
+    handles = [block.register_forward_hook(hook) for block in blocks]
     try:
         with eval_mode(model), tqdm(total=count, desc="find_artifacts", unit="img", disable=not progress) as bar:
             for batch in pixel_values:
+                current.clear()
                 run_tower(model, batch)
+                collected.append(torch.stack(current).cpu())  # blocks run in order: (L, b, S)
                 size = tuple(batch.shape[-2:])
                 bar.update(len(batch))
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([torch.cat(norms) for norms in collected]), size  # (L, B, S)
+    return torch.cat(collected, dim=1), size  # (L, B, S)
 
 
 def find_artifacts(

@@ -34,9 +34,8 @@ from .tokens import split_tokens, token_layout
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
 
-# Attribute names of the attention projections inside a block: ``q_proj``/``k_proj``/``v_proj`` in current
-# transformers, ``query``/``key``/``value`` in older modelling code (BEiT, Data2VecVision).
-_PROJECTIONS = {"queries": ("q_proj", "query"), "keys": ("k_proj", "key"), "values": ("v_proj", "value")}
+# Attribute names of the attention projections inside a block, the same in every supported family.
+_PROJECTIONS = {"queries": "q_proj", "keys": "k_proj", "values": "v_proj"}
 FEATURES = ("keys", "values", "tokens")
 
 
@@ -86,15 +85,14 @@ def lost(features: torch.Tensor, grid: tuple[int, int], k_patches: int = 100) ->
     return LostResult(box=box, seed=(row, col), mask=mask)
 
 
-def attention_projection(block: nn.Module, kind: str) -> nn.Linear:
-    """The ``"queries"``, ``"keys"`` or ``"values"`` projection of a transformer block."""
-    names = _PROJECTIONS[kind]
-    for name, module in block.named_modules():
-        if name.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear):
+def attention_projection(block: nn.Module, kind: str) -> nn.Module:
+    """The ``"queries"``, ``"keys"`` or ``"values"`` projection of a transformer block (with LoRA, if it has some)."""
+    name = _PROJECTIONS[kind]
+    for path, module in block.named_modules():
+        if path.rsplit(".", 1)[-1] == name:
             return module
     raise InvalidConfigError(
-        f"features={kind!r}: no attention projection named {' or '.join(names)} in {type(block).__name__}."
-        " Use features='tokens'."
+        f"features={kind!r}: no attention projection named {name} in {type(block).__name__}. Use features='tokens'."
     )
 
 

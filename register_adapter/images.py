@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import find_vision_tower
-from .errors import DataError, InvalidConfigError
+from .errors import DataError, InvalidConfigError, UnsupportedModelError
 
 
 def load_image(path: str | Path, *, decode: bool = True) -> Any:
@@ -102,6 +102,12 @@ def pixel_batches(
     and preprocessed one batch at a time, so a folder of any size fits in memory."""
     if batch_size < 1:
         raise InvalidConfigError(f"batch_size must be at least 1; got {batch_size}.")
+    tower = find_vision_tower(model)
+    if not tower.spec.image_input:
+        raise UnsupportedModelError(
+            f"{type(tower.module).__name__} takes pre-patchified pixel sequences, not images on a patch grid: "
+            "artifact maps, attention maps and object discovery need a (B, 3, H, W) image model."
+        )
     if isinstance(images, torch.Tensor):
         pixel_values = as_pixel_values(images, model)
         return len(pixel_values), batches(pixel_values, batch_size)

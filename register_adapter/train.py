@@ -385,7 +385,13 @@ def train(
     train_transform = apply_transforms(splits, image_processor, seed=seed, augment=data_args.augment)
 
     push = training_args.push_to_hub
-    overrides: dict[str, Any] = {"push_to_hub": False, "remove_unused_columns": False}
+    # Persistent data-loader workers keep their own copy of the transform and would never see the new epoch that
+    # _AugmentationEpoch sets, so every epoch would get the same augmentation.
+    overrides: dict[str, Any] = {
+        "push_to_hub": False,
+        "remove_unused_columns": False,
+        "dataloader_persistent_workers": False,
+    }
     if training_args.label_names is None:
         overrides["label_names"] = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer it
     if "validation" not in splits and training_args.eval_strategy != "no":

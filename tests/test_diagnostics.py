@@ -211,6 +211,15 @@ def test_models_that_drop_patches_are_refused():
         find_artifacts(build_tiny_model("tiny-vit-mae"), torch.zeros(1, 3, 30, 30))
 
 
+def test_models_without_an_image_grid_are_refused():
+    with pytest.raises(UnsupportedModelError) as error:
+        find_artifacts(build_tiny_model("tiny-siglip2"), torch.zeros(1, 3, 30, 30))
+    assert str(error.value) == (
+        "Siglip2VisionModel takes pre-patchified pixel sequences, not images on a patch grid: artifact maps, attention "
+        "maps and object discovery need a (B, 3, H, W) image model."
+    )
+
+
 def test_patch_views_show_cls_attention_on_artifacts(scene):
     planted = planted_model("dinov2")
     pixel_values = planted.preprocess(scene.images[:6])
