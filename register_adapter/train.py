@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from peft import PeftConfig
 from transformers import (
@@ -461,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     except RegisterAdapterError as error:
         logger.error("%s", error)
         return 2
+    # A process group left to the interpreter's exit can abort a rank (SIGABRT) while gloo's threads still hold
+    # tensors. Only after success: destroying it while another rank is in a collective would hang.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

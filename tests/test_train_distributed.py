@@ -40,7 +40,10 @@ class RecordingTrainer(train_module.Trainer):
 
 
 train_module.Trainer = RecordingTrainer
-sys.exit(main(["train", *sys.argv[2:]]))
+status = main(["train", *sys.argv[2:]])
+with open(os.path.join(sys.argv[1], f"exit{os.environ['RANK']}.txt"), "w") as f:
+    f.write(f"status={status} initialized={torch.distributed.is_initialized()}")
+sys.exit(status)
 """
 
 
@@ -64,6 +67,9 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     process = subprocess.run([*launcher, str(script), str(records), *args], env=env, capture_output=True, text=True)
     assert process.returncode == 0, process.stderr[-4000:]
+    # Each rank left `main` with its process group destroyed, so no gloo thread outlives the interpreter.
+    for rank in (0, 1):
+        assert (records / f"exit{rank}.txt").read_text() == "status=0 initialized=False"
 
     rank0, rank1 = (torch.load(records / f"rank{rank}.pt") for rank in (0, 1))
     assert (rank0["world_size"], rank0["backend"]) == (2, "gloo")
