@@ -39,9 +39,10 @@ def _peak_rss_bytes() -> int:
 
 
 def build_model(name: str, num_labels: int) -> torch.nn.Module:
+    """A random ViT-S/16 for ``vit-small``, else the model that ``register-adapter train --model name`` trains."""
     import transformers
 
-    from register_adapter.tiny import TINY_MODELS, build_tiny_model
+    from register_adapter.train import ModelArguments, load_model
 
     if name == "vit-small":
         config = transformers.ViTConfig(
@@ -50,11 +51,7 @@ def build_model(name: str, num_labels: int) -> torch.nn.Module:
         )  # fmt: skip
         torch.manual_seed(0)
         return transformers.ViTForImageClassification(config)
-    if name in TINY_MODELS:
-        return build_tiny_model(name, "classification", num_labels=num_labels)
-    return transformers.AutoModelForImageClassification.from_pretrained(
-        name, num_labels=num_labels, ignore_mismatched_sizes=True
-    )
+    return load_model(ModelArguments(model=name), [f"class {i}" for i in range(num_labels)])[0]
 
 
 def measure(setup: str, options: dict, results: multiprocessing.Queue) -> None:

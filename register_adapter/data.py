@@ -166,7 +166,9 @@ def load_image_dataset(
 
     Raises:
         DataError: no source or two sources given; a folder is missing or empty; a split or column does not exist;
-            fewer than two classes.
+            fewer than two classes; a validation label that is not a training class; a ``train_val_split`` that
+            cannot hold out an image of every class and keep one (a class with a single image, or fewer held-out or
+            kept images than classes).
     """
     if (train_dir is None) == (dataset_name is None):
         raise DataError("Give exactly one source of training images: --train_dir or --dataset_name.")
@@ -194,6 +196,7 @@ def load_image_dataset(
             )
             names = splits["train"].features[LABEL_COLUMN].names
             if validation.features[LABEL_COLUMN].names != names:
+                _check_known_labels(validation, names, f"Split {validation_split!r} of {dataset_name!r}", train_split)
                 validation = validation.align_labels_with_mapping({n: i for i, n in enumerate(names)}, LABEL_COLUMN)
                 validation = validation.cast_column(LABEL_COLUMN, datasets.ClassLabel(names=names))
             splits["validation"] = validation
@@ -203,6 +206,7 @@ def load_image_dataset(
     if len(names) < 2:
         raise DataError(f"Classification needs at least two classes; the training data has {names}.")
     if "validation" not in splits and train_val_split > 0:
+        _check_hold_out(splits["train"], train_val_split)
         held_out = splits["train"].train_test_split(
             test_size=train_val_split, seed=seed, stratify_by_column=LABEL_COLUMN
         )
@@ -210,6 +214,52 @@ def load_image_dataset(
     return datasets.DatasetDict(
         {name: split.add_column(SAMPLE_ID_COLUMN, list(range(len(split)))) for name, split in splits.items()}
     )
+
+
+def _check_known_labels(validation: datasets.Dataset, names: Sequence[str], where: str, train_split: str) -> None:
+    """Refuse validation labels that are not training classes (compared in lower case, as ``datasets`` aligns them)."""
+    known = {name.lower() for name in names}
+    label_names = validation.features[LABEL_COLUMN].names
+    unseen = sorted({label_names[i] for i in validation.unique(LABEL_COLUMN) if label_names[i].lower() not in known})
+    if unseen:
+        raise DataError(
+            f"{where} has labels that the training split {train_split!r} does not have: {', '.join(unseen)}. "
+            f"Known labels: {', '.join(names)}. Remove those images from the validation split, or choose another "
+            "with --validation_split."
+        )
+
+
+def _check_hold_out(train: datasets.Dataset, fraction: float) -> None:
+    """Refuse a hold-out that ``train_test_split`` cannot stratify: every class needs an image on each side."""
+    names = train.features[LABEL_COLUMN].names
+    counts = np.bincount(np.asarray(train[LABEL_COLUMN]), minlength=len(names))
+    classes = int((counts > 0).sum())
+    held_out = math.ceil(fraction * len(train))  # as Dataset.train_test_split counts it
+    kept = len(train) - held_out
+    fixes = (
+        "pass --train_val_split 0 to train on all images without evaluation, or give validation images with "
+        "--validation_dir (or --validation_split)."
+    )
+    single = [name for name, count in zip(names, counts) if count == 1]
+    if single:
+        more = f" and {len(single) - _MAX_LISTED} more" if len(single) > _MAX_LISTED else ""
+        raise DataError(
+            f"--train_val_split {fraction} cannot hold out validation images of every class: {len(single)} of "
+            f"{classes} classes have a single training image ({', '.join(single[:_MAX_LISTED])}{more}), and a "
+            f"stratified split needs two, one to train on and one to validate on. Add images to those classes, {fixes}"
+        )
+    if held_out < classes:
+        raise DataError(
+            f"--train_val_split {fraction} holds out {held_out} of {len(train)} training images for validation, "
+            f"fewer than the {classes} classes: a stratified split needs one image of every class. Add images, pass "
+            f"a larger --train_val_split, {fixes}"
+        )
+    if kept < classes:
+        raise DataError(
+            f"--train_val_split {fraction} keeps {kept} of {len(train)} training images to train on, fewer than the "
+            f"{classes} classes: a stratified split needs one image of every class. Add images, pass a smaller "
+            f"--train_val_split, {fixes}"
+        )
 
 
 def _image_problem(value: dict[str, Any], check: str) -> str | None:
@@ -226,6 +276,12 @@ def _image_problem(value: dict[str, Any], check: str) -> str | None:
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Refuse a ``value`` of the option ``name`` (``on_bad_image``, ``image_check``) that is not among ``choices``."""
+    if value not in choices:
+        raise DataError(f"{name} must be one of {', '.join(choices)}, got {value!r}.")
 
 
 def check_images(
@@ -250,12 +306,23 @@ def check_images(
     Returns:
         ``dataset``, without the unreadable images when ``on_bad_image="skip"``.
     """
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise DataError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}.")
-    if check not in IMAGE_CHECKS:
-        raise DataError(f"image_check must be one of {', '.join(IMAGE_CHECKS)}, got {check!r}.")
+    check_choice("on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
+    check_choice("image_check", check, IMAGE_CHECKS)
+    problems = find_unreadable_images(dataset, check=check, split=split, num_proc=num_proc)
+    return drop_unreadable_images(dataset, problems, on_bad_image=on_bad_image, split=split)
+
+
+def find_unreadable_images(
+    dataset: datasets.Dataset, *, check: str = "decode", split: str = "train", num_proc: int | None = None
+) -> dict[int, str]:
+    """Open every image of ``dataset`` once: the rows whose image cannot be read, with the reason.
+
+    The half of :func:`check_images` that reads the files; a multi-process run does it on one process and shares
+    the result (see :mod:`register_adapter.train`).
+    """
+    check_choice("image_check", check, IMAGE_CHECKS)
     if check == "none" or len(dataset) == 0:
-        return dataset
+        return {}
     raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
     problems = raw.map(
         lambda images: {"_problem": [_image_problem(image, check) for image in images]},
@@ -265,9 +332,18 @@ def check_images(
         remove_columns=raw.column_names,
         desc=f"Checking {split} images",
     )["_problem"]
-    bad = [i for i, problem in enumerate(problems) if problem is not None]
-    if not bad:
+    return {i: problem for i, problem in enumerate(problems) if problem is not None}
+
+
+def drop_unreadable_images(
+    dataset: datasets.Dataset, problems: dict[int, str], *, on_bad_image: str = "error", split: str = "train"
+) -> datasets.Dataset:
+    """Apply the ``on_bad_image`` policy to the ``problems`` that :func:`find_unreadable_images` found."""
+    check_choice("on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
+    if not problems:
         return dataset
+    bad = sorted(problems)
+    raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
     names = [raw[i][IMAGE_COLUMN].get("path") or f"row {i}" for i in bad[:_MAX_LISTED]]
     listing = "; ".join(f"{name} ({problems[i]})" for name, i in zip(names, bad))
     more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
@@ -279,8 +355,18 @@ def check_images(
     logger.warning(
         "Skipping %d of %d %s images that cannot be read: %s%s", len(bad), len(dataset), split, listing, more
     )
-    bad_set = set(bad)
-    return dataset.select([i for i in range(len(dataset)) if i not in bad_set])
+    return dataset.select([i for i in range(len(dataset)) if i not in problems])
+
+
+def take_samples(dataset: datasets.Dataset, count: int | None, seed: int) -> datasets.Dataset:
+    """``count`` rows drawn at random with ``seed`` (all of them when ``count`` is None or too large).
+
+    Shuffled first, as transformers' example scripts take ``--max_train_samples``: folder rows are sorted by class,
+    so the first rows could all be one class.
+    """
+    if count is None or count >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(count))
 
 
 def target_size(image_processor: Any) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
+from accelerate.utils import broadcast_object_list
 from peft import PeftConfig
 from transformers import (
     AutoConfig,
@@ -44,6 +45,8 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from .architectures import find_vision_tower
 from .config import RegisterConfig
@@ -53,8 +56,11 @@ from .data import (
     LABEL_COLUMN,
     ImageClassificationTransform,
     apply_transforms,
-    check_images,
+    check_choice,
+    drop_unreadable_images,
+    find_unreadable_images,
     load_image_dataset,
+    take_samples,
 )
 from .errors import InvalidConfigError, RegisterAdapterError, UnsupportedModelError
 from .hub import push_to_hub, render_model_card
@@ -130,10 +136,10 @@ class DataArguments:
         },
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many training images (for quick runs)."}
+        default=None, metadata={"help": "Use only this many training images, drawn at random (for quick runs)."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many validation images (for quick runs)."}
+        default=None, metadata={"help": "Use only this many validation images, drawn at random (for quick runs)."}
     )
     on_bad_image: str = _choice(
         BAD_IMAGE_POLICIES,
@@ -302,14 +308,53 @@ class _AugmentationEpoch(TrainerCallback):
         self.transform.epoch = math.floor(state.epoch or 0)
 
 
-def _resume_value(value: str | None) -> str | bool | None:
+def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder that ``--resume_from_checkpoint value`` names; ``None`` to start a new run.
+
+    ``true``/``latest`` is the newest ``checkpoint-N`` folder in ``output_dir``. Checked before any data is loaded.
+
+    Raises:
+        InvalidConfigError: no checkpoint to resume from, or a folder without ``trainer_state.json``.
+    """
     if value is None or value.lower() in ("", "false", "no", "none"):
         return None
     if value.lower() in ("true", "yes", "latest"):
-        return True
-    if not Path(value).is_dir():
-        raise InvalidConfigError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
+        latest = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if latest is None:
+            raise InvalidConfigError(
+                f"--resume_from_checkpoint {value} found no checkpoint-N folder in --output_dir {output_dir!r}. "
+                "Leave out --resume_from_checkpoint to start a new run, or pass the path of a checkpoint folder."
+            )
+        value = latest
+    if not Path(value, TRAINER_STATE_NAME).is_file():
+        problem = "does not exist" if not Path(value).exists() else f"has no {TRAINER_STATE_NAME}"
+        raise InvalidConfigError(
+            f"--resume_from_checkpoint {value!r} {problem}, so it is not a checkpoint to resume from. Pass a "
+            f"checkpoint-N folder that an earlier run saved in its --output_dir (it holds {TRAINER_STATE_NAME}), "
+            "or 'latest' for the newest one in --output_dir."
+        )
     return value
+
+
+def _check_images(splits: datasets.DatasetDict, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Open every image once, on the main process, and apply ``--on_bad_image`` on every process.
+
+    ``main_process_first`` would only order the processes: a dataset built in memory (an image folder) has no cache
+    file for ``datasets`` to share, so every process would decode every image again. Instead the main process reads
+    them and sends the unreadable ones to the others, which then keep or refuse exactly the same images.
+    """
+    problems: dict[str, dict[int, str]] = {}
+    if training_args.process_index == 0:
+        for name, split in splits.items():
+            problems[name] = find_unreadable_images(
+                split, check=data_args.image_check, split=name, num_proc=data_args.preprocessing_num_workers
+            )
+    if training_args.world_size > 1:
+        problems = broadcast_object_list([problems])[0]
+    for name in list(splits):
+        splits[name] = drop_unreadable_images(
+            splits[name], problems[name], on_bad_image=data_args.on_bad_image, split=name
+        )
 
 
 def _training_summary(
@@ -338,15 +383,19 @@ def train(
     """Add registers to a classification model, train them (with the head, optionally LoRA), save the best adapter.
 
     Every problem with the inputs (a missing folder or column, unreadable images, an unsupported model family) is
-    raised before the first training step.
+    raised before the first training step; a ``--resume_from_checkpoint`` without a checkpoint before any data loads.
 
     Returns:
         The ``Trainer``; ``trainer.model`` is the ``PeftModel`` holding the best (or last) adapter.
 
     Raises:
         DataError: the data cannot be used (see :mod:`register_adapter.data`).
+        InvalidConfigError: ``--resume_from_checkpoint`` names no checkpoint (see :func:`resolve_checkpoint`).
         UnsupportedModelError: the model family cannot take registers or has no classification head.
     """
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_choice("on_bad_image", data_args.on_bad_image, BAD_IMAGE_POLICIES)
+    check_choice("image_check", data_args.image_check, IMAGE_CHECKS)
     transformers.set_seed(training_args.seed)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading the dataset"):
@@ -372,17 +421,9 @@ def train(
         model.print_trainable_parameters()
 
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    with training_args.main_process_first(desc="checking the images"):
-        for name in list(splits):
-            if limits[name] is not None:
-                splits[name] = splits[name].select(range(min(limits[name], len(splits[name]))))
-            splits[name] = check_images(
-                splits[name],
-                on_bad_image=data_args.on_bad_image,
-                check=data_args.image_check,
-                split=name,
-                num_proc=data_args.preprocessing_num_workers,
-            )
+    for name in list(splits):
+        splits[name] = take_samples(splits[name], limits[name], seed)
+    _check_images(splits, data_args, training_args)
     train_transform = apply_transforms(splits, image_processor, seed=seed, augment=data_args.augment)
 
     push = training_args.push_to_hub
@@ -410,7 +451,7 @@ def train(
         preprocess_logits_for_metrics=top_k_predictions,
         callbacks=[_AugmentationEpoch(train_transform)],
     )
-    result = trainer.train(resume_from_checkpoint=_resume_value(args.resume_from_checkpoint))
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

@@ -17,9 +17,12 @@ from register_adapter.data import (
     ImageClassificationTransform,
     apply_transforms,
     check_images,
+    drop_unreadable_images,
+    find_unreadable_images,
     load_image_dataset,
     load_image_folder,
     random_resized_crop_box,
+    take_samples,
 )
 from register_adapter.errors import DataError
 from register_adapter.metrics import ClassificationMetrics, top_k_predictions
@@ -123,6 +126,36 @@ def test_no_validation_split_when_train_val_split_is_zero(tmp_path):
     assert len(splits["train"]) == 6
 
 
+HOLD_OUT_FIXES = (
+    "pass --train_val_split 0 to train on all images without evaluation, or give validation images with "
+    "--validation_dir (or --validation_split)."
+)
+HOLD_OUT_CASES = [
+    # classes, images per class, train_val_split, message
+    (3, 4, 0.1, "--train_val_split 0.1 holds out 2 of 12 training images for validation, fewer than the 3 classes: "
+     "a stratified split needs one image of every class. Add images, pass a larger --train_val_split, "),
+    (3, 2, 0.6, "--train_val_split 0.6 keeps 2 of 6 training images to train on, fewer than the 3 classes: "
+     "a stratified split needs one image of every class. Add images, pass a smaller --train_val_split, "),
+    (2, 1, 0.5, "--train_val_split 0.5 cannot hold out validation images of every class: 2 of 2 classes have a "
+     "single training image (blue, red), and a stratified split needs two, one to train on and one to validate "
+     "on. Add images to those classes, "),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("classes", "per_class", "fraction", "message"), HOLD_OUT_CASES)
+def test_held_out_validation_that_cannot_hold_every_class_is_refused(tmp_path, classes, per_class, fraction, message):
+    root = make_image_folder(tmp_path / "train", classes=("blue", "red", "green")[:classes], per_class=per_class)
+    with pytest.raises(DataError, match=f"^{re.escape(message + HOLD_OUT_FIXES)}$"):
+        load_image_dataset(train_dir=str(root), train_val_split=fraction)
+
+
+def test_held_out_validation_of_one_image_per_class_is_the_smallest_allowed(tmp_path):
+    make_image_folder(tmp_path / "train", classes=("blue", "green", "red"), per_class=4)
+    splits = load_image_dataset(train_dir=str(tmp_path / "train"), train_val_split=0.25)
+    assert sorted(splits["validation"]["label"]) == [0, 1, 2]
+    assert len(splits["train"]) == 9
+
+
 def _saved_dataset(tmp_path: Path) -> str:
     images = [make_image(COLOURS[c], i) for i, c in enumerate(["red", "blue", "red", "blue"])]
     dataset = datasets.Dataset.from_dict(
@@ -144,6 +177,21 @@ def test_named_dataset_columns_are_renamed_and_string_labels_encoded(tmp_path):
     assert splits["train"].features["label"].names == ["blue", "red"]
     assert splits["train"]["label"] == [1, 0, 1, 0]
     assert splits["validation"]["label"] == [1, 0, 1, 0]
+
+
+def test_validation_label_missing_from_the_training_split_is_reported(tmp_path):
+    images = [make_image(COLOURS[c], i) for i, c in enumerate(["red", "blue", "green", "red"])]
+    train = datasets.Dataset.from_dict({"image": images[:2], "label": ["red", "blue"]})
+    test = datasets.Dataset.from_dict({"image": images, "label": ["red", "blue", "green", "Purple"]})
+    path = str(tmp_path / "saved")
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(path)
+    with pytest.raises(
+        DataError,
+        match=rf"^Split 'test' of {re.escape(repr(path))} has labels that the training split 'train' does not have: "
+        r"Purple, green. Known labels: blue, red. Remove those images from the validation split, or choose another "
+        r"with --validation_split.$",
+    ):
+        load_image_dataset(dataset_name=path, validation_split="test")
 
 
 def test_missing_label_column_is_reported(tmp_path):
@@ -221,6 +269,28 @@ def test_all_images_unreadable_is_an_error_even_when_skipping(tmp_path):
         DataError, match=r"^2 of 2 train images cannot be read: .* No image of this split can be read.$"
     ):
         check_images(load_image_folder(tmp_path), on_bad_image="skip")
+
+
+def test_unreadable_images_found_once_can_be_applied_on_another_copy_of_the_split(tmp_path):
+    # What a multi-process run does: the main process finds the problems, every process drops the same rows.
+    dataset, corrupt = _folder_with_corrupt_image(tmp_path)
+    problems = find_unreadable_images(dataset)
+    assert list(problems) == [1] and problems[1].startswith("UnidentifiedImageError: ")
+    kept = drop_unreadable_images(load_image_folder(tmp_path / "train"), problems, on_bad_image="skip")
+    assert [Path(image.filename).name for image in kept["image"]] == ["000.png", "002.png", "003.png"] + [
+        f"{i:03d}.png" for i in range(4)
+    ]
+
+
+def test_max_samples_draw_several_classes_reproducibly(tmp_path):
+    make_image_folder(tmp_path / "train", classes=("blue", "green", "red"), per_class=10)
+    rows = load_image_dataset(train_dir=str(tmp_path / "train"), train_val_split=0)["train"]
+    assert list(rows.select(range(6))["label"]) == [0] * 6  # folder rows are sorted by class
+    subset = take_samples(rows, 6, seed=0)
+    assert len(subset) == 6 and set(subset["label"]) == {0, 1, 2}
+    assert list(take_samples(rows, 6, seed=0)["sample_id"]) == list(subset["sample_id"])
+    assert list(take_samples(rows, 6, seed=1)["sample_id"]) != list(subset["sample_id"])
+    assert take_samples(rows, None, seed=0) is rows and take_samples(rows, 30, seed=0) is rows
 
 
 # augmentation ------------------------------------------------------------------------------------------------------

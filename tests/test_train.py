@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_data import make_image_folder
 
 from register_adapter import RegisterLayer
-from register_adapter.errors import DataError, UnsupportedModelError
+from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
 from register_adapter.tiny import build_tiny_model
 from register_adapter.train import main, parse_args, train
 
@@ -72,7 +72,10 @@ def images(tmp_path: Path) -> Path:
 
 def test_training_changes_registers_and_head_only_and_keeps_the_best_adapter(images, tmp_path):
     out = tmp_path / "out"
-    trainer = train(*parse_args(cli_args(images, out, "--num_train_epochs", "3", "--train_val_split", "0.25")))
+    # At this learning rate validation accuracy is perfect from the first evaluation on, and the Trainer keeps the
+    # first of equal scores: the best checkpoint (step 3) is not the last (step 9).
+    args = ["--num_train_epochs", "3", "--train_val_split", "0.25", "--learning_rate", "3e-2"]
+    trainer = train(*parse_args(cli_args(images, out, *args)))
     model = trainer.model
     fresh = build_tiny_model("tiny-vit", "classification", num_labels=2)
 
@@ -93,11 +96,13 @@ def test_training_changes_registers_and_head_only_and_keeps_the_best_adapter(ima
         "base_model.model.vit.embeddings.register_tokens",
     ]
 
-    # The best checkpoint by validation accuracy is the saved adapter.
+    # The best checkpoint by validation accuracy, not the last one, is the saved adapter.
     evals = [log for log in trainer.state.log_history if "eval_accuracy" in log]
     best = max(evals, key=lambda log: log["eval_accuracy"])  # the first of equals, as the Trainer keeps it
-    assert trainer.state.best_model_checkpoint == str(out / f"checkpoint-{best['step']}")
-    assert torch.equal(saved_registers(out), saved_registers(Path(trainer.state.best_model_checkpoint)))
+    assert (best["step"], trainer.state.global_step) == (3, 9)
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-3")
+    assert torch.equal(saved_registers(out), saved_registers(out / "checkpoint-3"))
+    assert not torch.equal(saved_registers(out), saved_registers(out / "checkpoint-9"))
     assert torch.equal(saved_registers(out), registers(model))
 
     # Anyone restores it with PeftModel.from_pretrained: identical outputs.
@@ -238,6 +243,46 @@ def test_corrupt_image_stops_the_cli_before_training_or_is_skipped(images, tmp_p
                                          "--on_bad_image", "skip")))  # fmt: skip
     assert len(trainer.train_dataset) == 15
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_max_train_samples_are_drawn_at_random_with_the_data_seed(images, tmp_path):
+    # The folder rows are sorted by class: the first four images are all "blue".
+    args = ["--max_steps", "1", "--train_val_split", "0", "--max_train_samples", "4", "--data_seed", "3"]
+    rows = train(*parse_args(cli_args(images, tmp_path / "out", *args))).train_dataset.with_format(None)
+    assert len(rows) == 4 and set(rows["label"]) == {0, 1}
+    again = train(*parse_args(cli_args(images, tmp_path / "again", *args))).train_dataset.with_format(None)
+    assert list(again["sample_id"]) == list(rows["sample_id"])
+
+
+RESUME_CASES = {
+    "missing folder": (
+        "{tmp}/nope",
+        "--resume_from_checkpoint '{tmp}/nope' does not exist, so it is not a checkpoint to resume from.",
+    ),
+    "not a checkpoint": (
+        "{tmp}",
+        "--resume_from_checkpoint '{tmp}' has no trainer_state.json, so it is not a checkpoint to resume from.",
+    ),
+    "latest without checkpoints": (
+        "True",
+        "--resume_from_checkpoint True found no checkpoint-N folder in --output_dir '{tmp}/out'. Leave out "
+        "--resume_from_checkpoint to start a new run, or pass the path of a checkpoint folder.",
+    ),
+}
+RESUME_FIX = (
+    " Pass a checkpoint-N folder that an earlier run saved in its --output_dir (it holds trainer_state.json), or "
+    "'latest' for the newest one in --output_dir."
+)
+
+
+@pytest.mark.parametrize(("value", "message"), RESUME_CASES.values(), ids=RESUME_CASES)
+def test_resume_without_a_checkpoint_is_refused_before_loading_data(tmp_path, value, message):
+    (tmp_path / "out").mkdir()
+    message = message.format(tmp=tmp_path) + ("" if value == "True" else RESUME_FIX)
+    args = cli_args(tmp_path / "no-images", tmp_path / "out", "--resume_from_checkpoint", value.format(tmp=tmp_path))
+    # The missing --train_dir would be a DataError: the checkpoint is checked first.
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        train(*parse_args(args))
 
 
 def test_push_to_hub_uploads_the_best_adapter_with_our_card_in_one_commit(images, tmp_path, fake_hub, monkeypatch):

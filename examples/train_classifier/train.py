@@ -25,10 +25,8 @@ import torch
 from peft import PeftModel
 
 import register_adapter  # noqa: F401  (makes the REGISTERS adapter type known to peft)
-from register_adapter.tiny import build_tiny_model
-from register_adapter.train import parse_args, train
-
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+from register_adapter.demo import sample_images
+from register_adapter.train import load_model, parse_args, train
 
 
 def crops_of(image: PIL.Image.Image, count: int, rng: np.random.Generator) -> list[PIL.Image.Image]:
@@ -44,12 +42,10 @@ def crops_of(image: PIL.Image.Image, count: int, rng: np.random.Generator) -> li
 
 def skimage_folder(root: Path, per_class: int) -> Path:
     """An imagefolder with one class per scikit-image sample photo, filled with crops of it."""
-    import skimage.data
-
     rng = np.random.default_rng(0)
-    for name in SKIMAGE_PHOTOS:
+    for pixels, name in zip(*sample_images()):
         (root / name).mkdir(parents=True, exist_ok=True)
-        photo = PIL.Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        photo = PIL.Image.fromarray(pixels).convert("RGB")
         for i, crop in enumerate(crops_of(photo, per_class, rng)):
             crop.save(root / name / f"{i:03d}.png")
     return root
@@ -84,7 +80,6 @@ def main() -> None:
     args = parser.parse_args()
 
     data = args.workdir / "images"
-    output_dir = args.workdir / "adapter"
     defaults = [
         "--model", "tiny-vit",
         "--num_register_tokens", "4",
@@ -96,8 +91,9 @@ def main() -> None:
         "--report_to", "none",
     ]  # fmt: skip
     train_dir = data if args.images is None else folder_or_prefix_classes(args.images, data)
-    argv = [*defaults, "--train_dir", str(train_dir), "--output_dir", str(output_dir), *args.train_args]
+    argv = [*defaults, "--train_dir", str(train_dir), "--output_dir", str(args.workdir / "adapter"), *args.train_args]
     model_args, data_args, register_args, training_args = parse_args(argv)
+    output_dir = Path(training_args.output_dir)  # a later --output_dir among the train_args wins
 
     # Under torchrun every process runs this script: the first one writes the images, the others wait for it.
     with training_args.main_process_first(desc="writing the example images"):
@@ -110,21 +106,24 @@ def main() -> None:
     if not trainer.is_world_process_zero():
         return
 
-    results = json.loads((output_dir / "eval_results.json").read_text())
-    print(f"\nBest adapter saved to {output_dir}: " + ", ".join(f"{k}={v:.3f}" for k, v in results.items()))
+    if trainer.eval_dataset is None:  # --train_val_split 0 and no validation images: nothing was evaluated
+        print(f"\nAdapter saved to {output_dir} (trained on all images, no validation split to evaluate on)")
+        images = trainer.train_dataset
+    else:
+        results = json.loads((output_dir / "eval_results.json").read_text())
+        print(f"\nBest adapter saved to {output_dir}: " + ", ".join(f"{k}={v:.3f}" for k, v in results.items()))
+        images = trainer.eval_dataset
 
-    if model_args.model.startswith("tiny-"):
-        # Anyone restores the adapter (registers + head) with PeftModel.from_pretrained: identical outputs.
-        labels = trainer.model.config.num_labels
-        restored = PeftModel.from_pretrained(build_tiny_model(model_args.model, "classification", num_labels=labels),
-                                             output_dir)  # fmt: skip
-        batch = next(iter(trainer.get_eval_dataloader()))
-        with torch.no_grad():
-            same = torch.equal(
-                restored.eval()(pixel_values=batch["pixel_values"]).logits,
-                trainer.model.eval()(pixel_values=batch["pixel_values"].to(trainer.model.device)).logits.cpu(),
-            )
-        print(f"Restored with PeftModel.from_pretrained, identical logits: {same}")
+    # Anyone restores the adapter (registers + head) with PeftModel.from_pretrained: identical outputs.
+    labels = list(trainer.model.config.id2label.values())
+    device = trainer.model.device
+    restored = PeftModel.from_pretrained(load_model(model_args, labels)[0], output_dir).to(device)
+    pixels = images[:8]["pixel_values"].to(device)
+    with torch.no_grad():
+        same = torch.equal(
+            restored.eval()(pixel_values=pixels).logits, trainer.model.eval()(pixel_values=pixels).logits
+        )
+    print(f"Restored with PeftModel.from_pretrained, identical logits: {same}")
 
 
 if __name__ == "__main__":
