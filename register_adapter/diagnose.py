@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,7 @@ logger = logging.getLogger("register_adapter.diagnose")
 
 PLANTED_PREFIX = "planted:"
 PLANTED_SIZES = {"image_size": 224, "patch_size": 8}
+BEFORE_AFTER_IMAGES = 4  # image rows of before_after.png
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -94,23 +96,22 @@ def load_model(name: str, adapter: str | None, device: str) -> tuple[nn.Module, 
 def _write_pictures(
     model: nn.Module,
     report: ArtifactReport,
-    paths: list[Path],
-    processor: Any,
+    shown: list[Path],
+    pixel_values: torch.Tensor | None,
+    images: list[np.ndarray],
     out: Path,
     suffix: str,
-    max_panels: int,
 ) -> list[Path]:
+    """Histograms, norm scales and one panel per image of ``shown``: ``pixel_values`` and ``images`` (as drawn)
+    hold those images first."""
     written = [
         save_png(norm_histograms(report), out / f"norm_histograms{suffix}.png"),
         save_png(norm_scale_figure(report), out / f"norm_scale{suffix}.png"),
     ]
-    shown = paths[:max_panels]
     if shown:
-        pixel_values = as_pixel_values(shown, model, processor)
-        views = patch_views(model, pixel_values)
+        views = patch_views(model, pixel_values[: len(shown)])
         for index, path in enumerate(shown):
-            image = display_image(pixel_values[index], processor)
-            panel = artifact_panel(report.images[index], views, index, image=image, threshold=report.threshold)
+            panel = artifact_panel(report.images[index], views, index, image=images[index], threshold=report.threshold)
             written.append(save_png(panel, out / "panels" / f"{index:03d}_{path.stem}{suffix}.png"))
     return written
 
@@ -140,15 +141,18 @@ def run(args: argparse.Namespace) -> list[Path]:
     report_path = out / "report.json"
     report_path.write_text(json.dumps(document, indent=1) + "\n")
     written = [report_path]
+    # The images in panels and in before_after.png are read once, for every picture of both models.
+    read = paths[: max(args.max_panels, BEFORE_AFTER_IMAGES if args.adapter is not None else 0)]
+    pixel_values = as_pixel_values(read, model, processor) if read else None  # (n, 3, H, W)
+    images = [display_image(values, processor) for values in pixel_values] if read else []
+    shown = paths[: args.max_panels]
     if args.adapter is None:
-        written += _write_pictures(model, reports["base"], paths, processor, out, "", args.max_panels)
+        written += _write_pictures(model, reports["base"], shown, pixel_values, images, out, "")
     else:
         with model.disable_adapter():
-            written += _write_pictures(model, reports["base"], paths, processor, out, "", args.max_panels)
-        written += _write_pictures(model, reports["with_adapter"], paths, processor, out, "_adapter", args.max_panels)
-        shown = as_pixel_values(paths[:4], model, processor)
-        images = [display_image(pixel_values, processor) for pixel_values in shown]
-        figure = before_after(reports["base"], reports["with_adapter"], images)
+            written += _write_pictures(model, reports["base"], shown, pixel_values, images, out, "")
+        written += _write_pictures(model, reports["with_adapter"], shown, pixel_values, images, out, "_adapter")
+        figure = before_after(reports["base"], reports["with_adapter"], images, max_images=BEFORE_AFTER_IMAGES)
         written.append(save_png(figure, out / "before_after.png"))
     for name, report in reports.items():
         sys.stdout.write(_summary(name, report) + "\n")
@@ -170,6 +174,16 @@ def _threshold(value: str) -> float | str:
         return float(value)
     except ValueError:
         return value
+
+
+def _panel_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more; got {value!r}.")
+    return count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -199,7 +213,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'auto' (bimodal split, default), a number, or 'mean+<k>std' such as 'mean+3std'",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    parser.add_argument("--max-panels", type=int, default=8, help="draw a panel for at most this many images")
+    parser.add_argument(
+        "--max-panels", type=_panel_count, default=8, help="draw a panel for at most this many images (default 8)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 

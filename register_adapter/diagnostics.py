@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from .architectures import find_vision_tower
 from .errors import InvalidConfigError, UnsupportedModelError
-from .images import eval_mode, pixel_batches, run_tower
+from .hooks import capture
+from .images import eval_mode, patch_grid, pixel_batches, run_tower
 from .thresholds import resolve_threshold
 from .tokens import TokenLayout, split_tokens, token_layout
 
@@ -88,7 +89,6 @@ class ArtifactReport:
 
     Attributes:
         layer: The layer of the per-image maps (index into ``hidden_states``).
-        threshold: The threshold applied at ``layer`` (``None``: no outliers found).
         threshold_method: ``"fixed"``, ``"mean+<k>std"`` or ``"bimodal"``.
         threshold_note: How the threshold was chosen, in words.
         first_outlier_layer: First layer with any outlier, ``None`` if none.
@@ -100,7 +100,6 @@ class ArtifactReport:
     """
 
     layer: int
-    threshold: float | None
     threshold_method: str
     threshold_note: str
     first_outlier_layer: int | None
@@ -111,9 +110,19 @@ class ArtifactReport:
     patch_norms: np.ndarray = field(repr=False)
 
     @property
+    def layer_stats(self) -> LayerStats:
+        """The statistics of ``layer``: ``layers[layer - 1]``."""
+        return self.layers[self.layer - 1]
+
+    @property
+    def threshold(self) -> float | None:
+        """The threshold applied at ``layer`` (``None``: no outliers found)."""
+        return self.layer_stats.threshold
+
+    @property
     def outlier_fraction(self) -> float:
         """Fraction of patch tokens that are outliers at ``layer``."""
-        return float(np.mean([image.outlier_mask.mean() for image in self.images]))
+        return self.layer_stats.outlier_fraction
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (maps as nested lists, norms rounded to 4 significant digits)."""
@@ -167,6 +176,10 @@ class ArtifactReport:
 # -- measuring -------------------------------------------------------------------------------------------------------
 
 
+def _token_norms(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)  # (b, S, D) -> (b, S)
+
+
 @torch.no_grad()
 def block_output_norms(
     model: nn.Module, images: Any, *, processor: Any = None, batch_size: int = 8, progress: bool = False
@@ -179,25 +192,17 @@ def block_output_norms(
     """
     blocks = find_vision_tower(model).blocks
     collected: list[torch.Tensor] = []  # (L, b, S) per batch
-    current: list[torch.Tensor] = []  # (b, S) per block of the running batch
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output  # (b, S, D)
-        current.append(torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32))  # (b, S)
-
     count, pixel_values = pixel_batches(images, model, processor, batch_size)
-    handles = [block.register_forward_hook(hook) for block in blocks]
-    try:
-        with eval_mode(model), tqdm(total=count, desc="find_artifacts", unit="img", disable=not progress) as bar:
-            for batch in pixel_values:
-                current.clear()
-                run_tower(model, batch)
-                collected.append(torch.stack(current).cpu())  # blocks run in order: (L, b, S)
-                size = tuple(batch.shape[-2:])
-                bar.update(len(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        capture(blocks, reduce=_token_norms) as norms,
+        eval_mode(model),
+        tqdm(total=count, desc="find_artifacts", unit="img", disable=not progress) as bar,
+    ):
+        for batch in pixel_values:
+            run_tower(model, batch)
+            collected.append(torch.stack([norms[block] for block in blocks]).cpu())  # (L, b, S)
+            size = tuple(batch.shape[-2:])
+            bar.update(len(batch))
     return torch.cat(collected, dim=1), size  # (L, B, S)
 
 
@@ -249,7 +254,7 @@ def find_artifacts(
     sources = list(sources) if sources is not None else [f"image {i}" for i in range(count)]
     if len(sources) != count:
         raise InvalidConfigError(f"Got {len(sources)} sources for {count} images.")
-    grid = (size[0] // tower.patch_size, size[1] // tower.patch_size)
+    grid = patch_grid(size, tower.patch_size)
     groups = split_tokens(norms.flatten(0, 1).unsqueeze(-1), layout)  # sequences of norms, one per (layer, image)
     patches = groups.patches.squeeze(-1).reshape(num_layers, count, -1).numpy()  # (L, B, N)
     if patches.shape[-1] != grid[0] * grid[1]:
@@ -307,7 +312,6 @@ def _report(
     first = next((s.layer for s in stats if s.outlier_fraction > 0), None)
     return ArtifactReport(
         layer=layer,
-        threshold=chosen.value,
         threshold_method=chosen.method,
         threshold_note=chosen.note,
         first_outlier_layer=first,

@@ -29,7 +29,8 @@ from torch import nn
 
 from .architectures import find_vision_tower
 from .errors import InvalidConfigError
-from .images import eval_mode, pixel_batches, run_tower
+from .hooks import capture
+from .images import eval_mode, patch_grid, pixel_batches, run_tower
 from .tokens import split_tokens, token_layout
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
@@ -110,21 +111,10 @@ def patch_features(model: nn.Module, pixel_values: torch.Tensor, features: str =
         raise InvalidConfigError(f"features must be one of {', '.join(map(repr, FEATURES))}; got {features!r}.")
     tower = find_vision_tower(model)
     last = tower.blocks[-1]
-    captured = {}
-    if features == "tokens":
-        handle = last.register_forward_hook(
-            lambda module, args, output: captured.setdefault("x", output[0] if isinstance(output, tuple) else output)
-        )
-    else:
-        handle = attention_projection(last, features).register_forward_hook(
-            lambda module, args, output: captured.setdefault("x", output)
-        )
-    try:
-        with eval_mode(model):
-            run_tower(model, pixel_values)
-    finally:
-        handle.remove()
-    sequence = captured["x"]  # (B, S, C)
+    module = last if features == "tokens" else attention_projection(last, features)
+    with capture([module]) as captured, eval_mode(model):
+        run_tower(model, pixel_values)
+    sequence = captured[module]  # (B, S, C)
     if features == "tokens":
         sequence = torch.nn.functional.layer_norm(sequence, sequence.shape[-1:])  # (B, S, C)
     return split_tokens(sequence, token_layout(model)).patches  # (B, N, C)
@@ -163,7 +153,7 @@ def discover_objects(
     patch_size = find_vision_tower(model).patch_size
     boxes: list[Box] = []
     for batch in pixel_batches(images, model, processor, batch_size)[1]:
-        grid = (batch.shape[-2] // patch_size, batch.shape[-1] // patch_size)
+        grid = patch_grid(batch.shape, patch_size)
         for image_features in patch_features(model, batch, features):
             x0, y0, x1, y1 = lost(image_features, grid, k_patches).box
             boxes.append((x0 * patch_size, y0 * patch_size, x1 * patch_size, y1 * patch_size))

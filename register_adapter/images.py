@@ -7,7 +7,7 @@ any size fits in memory.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,16 @@ def pixel_batches(
         raise DataError("No images given.")
     chunks = (items[start : start + batch_size] for start in range(0, len(items), batch_size))
     return len(items), (as_pixel_values(chunk, model, processor) for chunk in chunks)
+
+
+def patch_grid(size: Sequence[int], patch_size: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the patch grid of images of size ``(..., H, W)``, e.g. ``pixel_values.shape``.
+
+    >>> patch_grid((8, 3, 224, 160), 16)
+    (14, 10)
+    """
+    height, width = size[-2:]
+    return height // patch_size, width // patch_size
 
 
 @contextlib.contextmanager

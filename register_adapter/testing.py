@@ -41,7 +41,8 @@ from torch import nn
 from .architectures import VisionTower, find_vision_tower
 from .discovery import attention_projection
 from .errors import InvalidConfigError, UnsupportedModelError
-from .images import run_tower
+from .hooks import capture
+from .images import patch_grid, run_tower
 from .tiny import TINY_MODELS, build_tiny_model
 
 # Residual-stream channels with a planted meaning; every other channel carries patch content.
@@ -133,8 +134,7 @@ class ArtifactModel:
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size
-        return side, side
+        return patch_grid((self.image_size, self.image_size), self.patch_size)
 
     def preprocess(self, images: np.ndarray | Sequence[Any]) -> torch.Tensor:
         """Turn images (uint8 (n, H, W, 3) or a list of PIL images) into pixel values (n, 3, S, S)."""
@@ -189,37 +189,15 @@ def _embedding_parameters(embeddings: nn.Module) -> tuple[nn.Conv2d, torch.Tenso
     return conv, positions[0].data.view(-1, positions[0].shape[-1]), tokens
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once everything needed was captured."""
-
-
 def _capture(
     model: nn.Module, pixel_values: torch.Tensor, inputs: Sequence[nn.Module] = (), output: nn.Module | None = None
 ) -> list[torch.Tensor]:
     """Inputs of ``inputs`` and the output of ``output`` (appended last) on ``pixel_values``; the forward pass stops
     at the last of them."""
-    modules = [*inputs, *([output] if output is not None else [])]
-    order = {id(m): i for i, m in enumerate(model.modules())}
-    last = max(modules, key=lambda m: order[id(m)])
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(index: int, module: nn.Module, tensor: Any) -> None:
-        captured[index] = (tensor[0] if isinstance(tensor, tuple) else tensor).detach()
-        if module is last and len(captured) == len(modules):
-            raise _Stop
-
-    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: keep(i, mod, args)) for i, m in enumerate(inputs)]
-    if output is not None:
-        handles.append(output.register_forward_hook(lambda mod, args, out: keep(len(inputs), mod, out)))
-    try:
-        with torch.no_grad():
-            run_tower(model, pixel_values)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [captured[i] for i in range(len(modules))]
+    outputs = [output] if output is not None else []
+    with torch.no_grad(), capture(outputs, inputs, stop=True) as captured:
+        run_tower(model, pixel_values)
+    return [captured[m] for m in [*inputs, *outputs]]
 
 
 def _build(family: str, seed: int, **sizes: Any) -> nn.Module:
@@ -288,8 +266,8 @@ def make_artifact_model(
         patch_size=patch_size,
     )  # DINOv2 sizes its MLP by mlp_ratio
     tower = find_vision_tower(model)
-    side = image_size // patch_size
-    num_patches = side * side
+    rows, columns = patch_grid((image_size, image_size), patch_size)
+    num_patches = rows * columns
     mlps = [_plain_mlp(tower, block) for block in tower.blocks]
 
     from transformers import ViTImageProcessorPil

@@ -32,7 +32,8 @@ from torch import nn
 
 from .architectures import find_vision_tower
 from .diagnostics import ArtifactReport, ImageArtifacts
-from .images import batches, eval_mode, run_tower
+from .hooks import capture
+from .images import batches, eval_mode, patch_grid, run_tower
 from .tokens import split_tokens, token_layout
 
 _OUTLIER_COLOR = (1.0, 0.1, 0.1, 0.75)
@@ -92,25 +93,16 @@ def patch_views(model: nn.Module, pixel_values: torch.Tensor, *, batch_size: int
     """
     tower = find_vision_tower(model)
     layout = token_layout(model)
-    patch_size = tower.patch_size
-    h, w = pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
+    h, w = patch_grid(pixel_values.shape, tower.patch_size)
+    last = tower.blocks[-1]
     attentions, tokens = [], []
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(module: nn.Module, args: tuple, output: Any) -> None:
-        captured["x"] = output[0] if isinstance(output, tuple) else output
-
-    handle = tower.blocks[-1].register_forward_hook(keep)
-    try:
-        with eval_mode(model), eager_attention(model):
-            for batch in batches(pixel_values, batch_size):
-                attention = run_tower(model, batch, output_attentions=True).attentions[-1].float()  # (b, H, S, S)
-                received = attention[:, :, 0] if layout.has_cls else attention.mean(2)  # (b, H, S)
-                weights = received.mean(1).unsqueeze(-1)  # (b, S, 1)
-                attentions.append(split_tokens(weights, layout).patches.squeeze(-1).cpu())  # (b, N)
-                tokens.append(split_tokens(captured["x"].float(), layout).patches.cpu())  # (b, N, D)
-    finally:
-        handle.remove()
+    with capture([last]) as captured, eval_mode(model), eager_attention(model):
+        for batch in batches(pixel_values, batch_size):
+            attention = run_tower(model, batch, output_attentions=True).attentions[-1].float()  # (b, H, S, S)
+            received = attention[:, :, 0] if layout.has_cls else attention.mean(2)  # (b, H, S)
+            weights = received.mean(1).unsqueeze(-1)  # (b, S, 1)
+            attentions.append(split_tokens(weights, layout).patches.squeeze(-1).cpu())  # (b, N)
+            tokens.append(split_tokens(captured[last].float(), layout).patches.cpu())  # (b, N, D)
     features = torch.nn.functional.layer_norm(torch.cat(tokens), (tokens[0].shape[-1],))  # (B, N, D)
     rgb = pca_rgb(features.flatten(0, 1)).reshape(len(features), h, w, 3)  # (B, h, w, 3)
     return PatchViews(

@@ -11,6 +11,7 @@ from register_adapter import add_registers
 from register_adapter.cli import main as cli_main
 from register_adapter.diagnose import main
 from register_adapter.diagnostics import find_artifacts
+from register_adapter.images import load_image
 from register_adapter.testing import make_artifact_model, make_object_images
 
 
@@ -44,10 +45,11 @@ def test_report_and_pictures(saved, tmp_path, capsys):
         str(root / "images" / "scene1.png"),
     ]
     assert [image["source"] for image in report["base"]["images"]] == sources
-    expected = find_artifacts(planted.model, planted.preprocess(np.stack([scene.images[2], *scene.images[:2]])))
-    assert [[tuple(p) for p in image["outlier_positions"]] for image in report["base"]["images"]] == [
-        image.outlier_positions for image in expected.images
-    ]
+    pixel_values = planted.preprocess(np.stack([scene.images[2], *scene.images[:2]]))
+    expected = find_artifacts(planted.model, pixel_values)
+    positions = [[tuple(p) for p in image["outlier_positions"]] for image in report["base"]["images"]]
+    assert positions == [image.outlier_positions for image in expected.images]
+    assert positions == planted.artifact_positions(pixel_values)  # the ground truth
     assert report["base"]["first_outlier_layer"] == planted.layer
     pictures = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert pictures == [
@@ -61,14 +63,22 @@ def test_report_and_pictures(saved, tmp_path, capsys):
         with Image.open(out / picture) as image:
             assert image.format == "PNG" and image.width >= 600
     printed = capsys.readouterr().out
-    assert f"base: 3 images, {100 * expected.outlier_fraction:.2f}% outlier tokens at layer 6" in printed
+    fraction = planted.artifact_mask(pixel_values).float().mean()
+    assert f"base: 3 images, {100 * fraction:.2f}% outlier tokens at layer 6" in printed
     assert f"outliers from layer {planted.layer} on" in printed
 
 
-def test_adapter_before_and_after(saved, tmp_path):
+def test_adapter_before_and_after(saved, tmp_path, monkeypatch):
     root, planted, scene = saved
     out = tmp_path / "out"
     image = str(root / "images" / "scene0.png")
+    decoded = []
+
+    def counting_load_image(path, **kwargs):
+        decoded.append(path)
+        return load_image(path, **kwargs)
+
+    monkeypatch.setattr("register_adapter.images.load_image", counting_load_image)
     assert (
         main(
             [
@@ -93,7 +103,11 @@ def test_adapter_before_and_after(saved, tmp_path):
     assert len(report["with_adapter"]["images"][0]["register_norms"]) == 4
     assert report["base"]["threshold"] == 40 and report["base"]["layers"][0]["threshold"] == 40
     # Untrained registers leave the planted artifacts where they were.
-    assert report["with_adapter"]["images"][0]["outlier_positions"] == report["base"]["images"][0]["outlier_positions"]
+    truth = [list(p) for p in planted.artifact_positions(planted.preprocess(scene.images[:1]))[0]]
+    assert report["base"]["images"][0]["outlier_positions"] == truth
+    assert report["with_adapter"]["images"][0]["outlier_positions"] == truth
+    # Decoded once per report, and once for all the pictures (panels of both models and before_after.png).
+    assert decoded == [root / "images" / "scene0.png"] * 3
     assert {p.name for p in out.rglob("*.png")} == {
         "before_after.png",
         "norm_histograms.png",
@@ -136,3 +150,14 @@ def test_missing_path_and_empty_folder_through_the_cli(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"register-adapter diagnose: error: Folder '{tmp_path / 'empty'}' holds no image files."
     )
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "all"])
+def test_max_panels_must_be_a_whole_number(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before any image or model is read
+        main(["--model", "unused", "photo.png", "--out", str(tmp_path / "out"), "--max-panels", value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"register-adapter diagnose: error: argument --max-panels: must be a whole number, 0 or more; got '{value}'."
+    )
+    assert not (tmp_path / "out").exists()

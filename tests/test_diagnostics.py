@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testing_common import planted_model
+from testing_common import hidden_patch_norms, hidden_state_norms, planted_model
 
 from register_adapter import add_registers
 from register_adapter.diagnostics import find_artifacts
@@ -38,7 +38,7 @@ def precision_recall(report, truth):
 def test_detects_planted_artifacts(family, scene):
     planted = planted_model(family)
     pixel_values = planted.preprocess(scene.images)
-    truth = planted.artifact_mask(pixel_values).numpy()
+    truth = planted.artifact_mask(pixel_values).numpy()  # (B, h, w)
     report = find_artifacts(planted.model, pixel_values)
     precision, recall = precision_recall(report, truth)
     assert precision >= 0.95 and recall >= 0.95
@@ -46,9 +46,13 @@ def test_detects_planted_artifacts(family, scene):
     assert [s.outlier_fraction > 0 for s in report.layers] == [layer >= planted.layer for layer in range(1, 7)]
     assert report.layer == 6 and report.grid == (16, 16) and report.threshold_method == "bimodal"
     assert [image.outlier_positions for image in report.images] == planted.artifact_positions(pixel_values)
+    assert report.outlier_fraction == pytest.approx(truth.mean())
+    norms = hidden_patch_norms(planted.model, pixel_values, 16 * 16)[-1].numpy().reshape(truth.shape)  # (B, h, w)
     last = report.layers[-1]
+    assert last.max_norm == pytest.approx(norms.max(), rel=1e-5)
+    assert last.median_norm == pytest.approx(np.median(norms), rel=1e-5)
     assert last.max_norm / last.median_norm > 10
-    assert last.median_norm < report.threshold < last.max_norm
+    assert norms[~truth].max() < report.threshold < norms[truth].min()
 
 
 @pytest.mark.parametrize("family", ["dinov2", "clip-vision"])
@@ -71,8 +75,9 @@ def test_clean_random_models_have_no_outliers(name):
 
 def test_mean_plus_k_std_flags_the_tail_of_a_clean_model():
     pixel_values = torch.rand(6, 3, 30, 30, generator=torch.Generator().manual_seed(0))
-    report = find_artifacts(build_tiny_model("tiny-vit"), pixel_values, threshold="mean+3std")
-    norms = report.patch_norms[-1]
+    model = build_tiny_model("tiny-vit")
+    report = find_artifacts(model, pixel_values, threshold="mean+3std")
+    norms = hidden_patch_norms(model, pixel_values, 15 * 15)[-1].numpy()  # (B, N), from the model itself
     assert report.threshold == pytest.approx(norms.mean() + 3 * norms.std(), rel=1e-6)
     assert report.threshold_method == "mean+3std"
     assert report.outlier_fraction == pytest.approx((norms > report.threshold).mean())
@@ -87,7 +92,8 @@ def test_fixed_threshold_and_layer(scene):
     assert before.outlier_fraction == 0
     at = find_artifacts(planted.model, pixel_values, layer=planted.layer, threshold=50.0)
     assert precision_recall(at, planted.artifact_mask(pixel_values).numpy()) == (1.0, 1.0)
-    assert np.array_equal(at.images[3].norm_map, at.patch_norms[planted.layer - 1, 3].reshape(16, 16))
+    expected = hidden_patch_norms(planted.model, pixel_values, 16 * 16)[planted.layer - 1, 3].reshape(16, 16)
+    np.testing.assert_allclose(at.images[3].norm_map, expected.numpy(), rtol=1e-5)
     last = find_artifacts(planted.model, pixel_values, layer=-1)
     assert last.layer == 6
 
@@ -111,11 +117,14 @@ def test_registers_are_reported_apart_from_patches(scene):
 
 def test_native_registers_and_cls_norms(scene):
     planted = planted_model("dinov2-with-registers")
-    report = find_artifacts(planted.model, planted.preprocess(scene.images))
+    pixel_values = planted.preprocess(scene.images)
+    report = find_artifacts(planted.model, pixel_values)
     assert report.num_registers == 2
-    cls_norms = [image.cls_norm for image in report.images]
-    assert report.layers[-1].cls_norm == pytest.approx(np.mean(cls_norms))
-    assert all(len(image.register_norms) == 2 for image in report.images)
+    last = hidden_state_norms(planted.model, pixel_values)[-1].numpy()  # (B, S): [CLS, REG, REG, PATCH...]
+    np.testing.assert_allclose([image.cls_norm for image in report.images], last[:, 0], rtol=1e-5)
+    np.testing.assert_allclose([image.register_norms for image in report.images], last[:, 1:3], rtol=1e-5)
+    assert report.layers[-1].cls_norm == pytest.approx(last[:, 0].mean(), rel=1e-5)
+    np.testing.assert_allclose(report.layers[-1].register_norms, last[:, 1:3].mean(0), rtol=1e-5)
     no_cls = find_artifacts(planted_model("siglip").model, planted_model("siglip").preprocess(scene.images))
     assert no_cls.images[0].cls_norm is None and no_cls.layers[0].cls_norm is None
 

@@ -2,17 +2,14 @@
 10-20x the median norm, appearing at the planted layer, roughly shift- and flip-equivariant features, and an oracle
 without the write."""
 
-import functools
-
 import numpy as np
 import pytest
 import torch
+from testing_common import hidden_patch_norms, planted_model
 
-from register_adapter.diagnostics import block_output_norms
 from register_adapter.discovery import patch_features
 from register_adapter.errors import UnsupportedModelError
 from register_adapter.testing import make_artifact_model, make_object_images
-from register_adapter.tokens import split_tokens
 
 FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
 
@@ -22,20 +19,14 @@ def scene():
     return make_object_images(8, 32, seed=7)
 
 
-@functools.cache
-def planted_model(family):
-    return make_artifact_model(family)
-
-
 @pytest.fixture(params=FAMILIES)
 def planted(request):
     return planted_model(request.param)
 
 
 def patch_norms(model, pixel_values):
-    """(L, B, N) patch-token norms at every block output."""
-    norms, _ = block_output_norms(model, pixel_values)
-    return split_tokens(norms.flatten(0, 1).unsqueeze(-1), model).patches.squeeze(-1).reshape(*norms.shape[:2], -1)
+    """(L, B, N) patch-token norms at every block output, from the model's own hidden states."""
+    return hidden_patch_norms(model, pixel_values, 16 * 16)
 
 
 def test_artifacts_are_rare_huge_and_appear_at_the_planted_layer(planted, scene):
@@ -50,6 +41,10 @@ def test_artifacts_are_rare_huge_and_appear_at_the_planted_layer(planted, scene)
         else:
             assert ratio[truth].min() >= 10.0 and ratio[truth].max() <= 20.0, layer
             assert ratio[~truth].max() < 4.0, layer
+    # The ground-truth positions are exactly the tokens that stand out where the artifacts are written.
+    written = norms[planted.layer - 1].reshape(-1, 16, 16)  # (B, h, w)
+    high = written / written.median() > 7.0
+    assert [[tuple(p) for p in image.nonzero().tolist()] for image in high] == planted.artifact_positions(pixel_values)
 
 
 def test_artifacts_sit_on_plain_patches_at_gated_positions(planted, scene):

@@ -59,6 +59,20 @@ def max_diff(a, b) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(tensors(a), tensors(b), strict=True))
 
 
+def hidden_state_norms(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(L, B, S) token norms at every block output, from the model's own ``output_hidden_states``: an oracle for the
+    forward hooks of ``register_adapter.diagnostics`` that shares no code with them."""
+    tower = getattr(model, "vision_model", model)  # full CLIP: the vision tower alone runs on pixel values only
+    with torch.no_grad():
+        hidden_states = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[1:]  # (B, S, D) each
+    return torch.stack([torch.linalg.vector_norm(hidden, dim=-1) for hidden in hidden_states])
+
+
+def hidden_patch_norms(model: torch.nn.Module, pixel_values: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(L, B, N) patch-token norms at every block output (patches come last in every token layout)."""
+    return hidden_state_norms(model, pixel_values)[..., -num_patches:]
+
+
 @functools.cache
 def planted_model(family: str):
     """``make_artifact_model(family)``, built once per test process."""
