@@ -11,7 +11,7 @@ Adding a family is one row: build a :class:`FamilySpec` and pass it to :func:`re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -53,12 +53,17 @@ class FamilySpec:
         num_prefix_tokens: ``config -> int``, the tokens before the inserted registers (CLS, distillation token,
             native registers).
         has_cls: Whether token 0 is a CLS token.
-        mask_argument: Name of the forward argument holding a per-token attention mask (padded for registers).
+        mask_argument: Name of the tower's forward argument holding a per-token attention mask (padded for the
+            registers), or ``None`` when its forward takes none. ViTMAE's mask covers the tokens kept by its random
+            masking (CLS + kept patches).
         unpad_mask_at: Modules after ``strip_at`` that receive the same mask and must get it without registers.
         embeddings: Attribute name of the embeddings module.
         native_register_attribute: Attribute of the embeddings holding registers the architecture has itself.
         image_input: Whether the tower takes images as (B, 3, H, W) ``pixel_values`` on a fixed patch grid (SigLIP2
             takes pre-patchified sequences with per-image spatial shapes instead); the diagnostics need it.
+        spatial_heads: Class names of the models around the tower whose head lays the tower's output out on the patch
+            grid (masked-image-modeling decoders, the MAE decoder). Registers are removed before them even with
+            ``strip_registers=False``: they are not patches.
     """
 
     name: str
@@ -74,6 +79,7 @@ class FamilySpec:
     embeddings: str = "embeddings"
     native_register_attribute: str | None = None
     image_input: bool = True
+    spatial_heads: tuple[str, ...] = ()
 
 
 _VIT_LIKE = {"layers": "layers", "strip_at": "layernorm", "mlp_out_proj": ("mlp.fc2",)}
@@ -105,10 +111,16 @@ def register_family(spec: FamilySpec) -> FamilySpec:
 
 
 for _spec in (
-    FamilySpec(name="vit", model_types=("vit",), **_VIT_LIKE),
-    FamilySpec(name="deit", model_types=("deit",), num_prefix_tokens=_cls_and_distillation, **_VIT_LIKE),
+    FamilySpec(name="vit", model_types=("vit",), spatial_heads=("ViTForMaskedImageModeling",), **_VIT_LIKE),
+    FamilySpec(
+        name="deit",
+        model_types=("deit",),
+        num_prefix_tokens=_cls_and_distillation,
+        spatial_heads=("DeiTForMaskedImageModeling",),
+        **_VIT_LIKE,
+    ),
     FamilySpec(name="ijepa", model_types=("ijepa",), num_prefix_tokens=_no_prefix, has_cls=False, **_VIT_LIKE),
-    FamilySpec(name="vit_mae", model_types=("vit_mae",), mask_argument=None, **_VIT_LIKE),
+    FamilySpec(name="vit_mae", model_types=("vit_mae",), spatial_heads=("ViTMAEForPreTraining",), **_VIT_LIKE),
     FamilySpec(name="dinov2", model_types=("dinov2",), **_DINO),
     FamilySpec(
         name="dinov2_with_registers",
@@ -180,11 +192,28 @@ class VisionTower:
         module: The module owning ``embeddings`` (e.g. ``ViTModel``, ``CLIPModel.vision_model``).
         path: Its dotted path inside the model given to :func:`find_vision_tower` (``""`` for the model itself).
         spec: The family's :class:`FamilySpec`.
+        root: The model given to :func:`find_vision_tower` (``PeftModel`` wrappers removed).
     """
 
     module: nn.Module
     path: str
     spec: FamilySpec
+    root: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def parent(self) -> nn.Module | None:
+        """The module holding the tower (e.g. ``ViTForMaskedImageModeling`` around its ``vit``); ``None`` for the
+        model itself."""
+        if not self.path or self.root is None:
+            return None
+        parent_path = self.path.rpartition(".")[0]
+        return self.root.get_submodule(parent_path) if parent_path else self.root
+
+    @property
+    def has_spatial_head(self) -> bool:
+        """Whether the model around the tower lays its output out on the patch grid (see ``FamilySpec.spatial_heads``)."""
+        parent = self.parent
+        return parent is not None and any(cls.__name__ in self.spec.spatial_heads for cls in type(parent).__mro__)
 
     @property
     def config(self) -> Any:
@@ -267,7 +296,7 @@ def find_vision_tower(model: nn.Module) -> VisionTower:
             continue
         model_type = getattr(config, "model_type", None)
         if model_type in FAMILIES:
-            return VisionTower(module=module, path=path, spec=FAMILIES[model_type])
+            return VisionTower(module=module, path=path, spec=FAMILIES[model_type], root=root)
         if model_type in UNSUPPORTED:
             raise UnsupportedModelError(f"{type(module).__name__} is not supported: {UNSUPPORTED[model_type]}.")
         seen_types.append(model_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -9,8 +10,10 @@ from peft.config import PeftConfig
 from .errors import AdapterFilesError, InvalidConfigError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 INIT_METHODS = ("normal", "zeros", "scaled_randn")
+METHODS = ("trained", "distilled", "test-time")
 
 
 class RegisterPeftType(str):
@@ -44,10 +47,14 @@ class RegisterConfig(PeftConfig):
         num_register_tokens: Number of register tokens to add.
         init: How to initialise them: ``"normal"`` (std 1e-6, as DINOv2 and timm), ``"zeros"`` (as transformers'
             ``Dinov2WithRegisters``) or ``"scaled_randn"`` (``randn / sqrt(hidden_size)``, as PH-Reg).
-        strip_registers: Remove registers from ``last_hidden_state`` and everything computed from it.
+        strip_registers: Remove registers from ``last_hidden_state`` and everything computed from it. Whatever its
+            value, registers never enter what is laid out on the patch grid (Backbone feature maps, the masked-image
+            decoders of ViT, DeiT and ViTMAE).
         method: How the registers were obtained (``"trained"``, ``"distilled"``, ``"test-time"``); for model cards.
         family: The model family; filled in when the adapter is created and checked when it is loaded.
         hidden_size: Width of the registers; filled in when the adapter is created and checked when it is loaded.
+        native_register_tokens: Registers the architecture has itself (``Dinov2WithRegisters``, DINOv3), which the
+            added ones follow; filled in when the adapter is created and checked when it is loaded.
         modules_to_save: Modules besides the registers that are trained and saved, e.g. ``["classifier"]``.
         lora_r: Rank of LoRA on the attention projections of the vision tower's blocks, trained and saved in the same
             adapter as the registers; ``0`` (default) for none.
@@ -80,6 +87,12 @@ class RegisterConfig(PeftConfig):
     hidden_size: int | None = field(
         default=None, metadata={"help": "Register width; filled in when the adapter is created."}
     )
+    native_register_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Registers the architecture has itself (before ours); filled in when the adapter is created."
+        },
+    )
     target_modules: str | list[str] | None = field(
         default=None,
         metadata={"help": "Path of the embeddings module to wrap; found automatically when left empty."},
@@ -101,15 +114,16 @@ class RegisterConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = REGISTERS
-        count = self.num_register_tokens
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise InvalidConfigError(
-                f"num_register_tokens must be a positive int, got {count!r}. Papers use 4 (trained) or 16 (PH-Reg)."
-            )
+        self.num_register_tokens = _whole_number(
+            "num_register_tokens", self.num_register_tokens, 1, "Papers use 4 (trained) or 16 (PH-Reg)."
+        )
+        self.lora_r = _whole_number("lora_r", self.lora_r, 0, "0 disables LoRA.")
         if self.init not in INIT_METHODS:
             raise InvalidConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}.")
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
-            raise InvalidConfigError(f"lora_r must be an int >= 0 (0 disables LoRA), got {self.lora_r!r}.")
+        if self.method not in METHODS:
+            raise InvalidConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if not isinstance(self.strip_registers, bool):
+            raise InvalidConfigError(f"strip_registers must be True or False, got {self.strip_registers!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if isinstance(self.lora_target_modules, str):
@@ -120,15 +134,26 @@ class RegisterConfig(PeftConfig):
         """Load the config and check that the adapter weights next to it are present and readable.
 
         Raises:
-            AdapterFilesError: ``adapter_model.safetensors`` is missing or is not a readable safetensors file.
+            AdapterFilesError: ``adapter_model.safetensors`` is missing, is not a readable safetensors file, or holds
+                registers of another shape than the config says (files from two different saves).
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, config=config, **kwargs)
         return config
 
 
-def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, **hub_kwargs) -> str:
-    """Return the local path of ``adapter_model.safetensors`` after checking that its header can be read."""
+def _whole_number(name: str, value: object, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise InvalidConfigError(f"{name} must be {kind}, got {value!r}. {hint}")
+    return int(value)
+
+
+def check_adapter_weights(
+    path_or_repo_id: str, subfolder: str | None = None, config: RegisterConfig | None = None, **hub_kwargs
+) -> str:
+    """Return the local path of ``adapter_model.safetensors`` after checking that its header can be read and, given
+    the ``config`` saved with it, that its registers have the shape that config describes."""
     import os
 
     from huggingface_hub import hf_hub_download
@@ -138,10 +163,14 @@ def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, **
     if os.path.isdir(folder):
         weights = os.path.join(folder, WEIGHTS_NAME)
         if not os.path.isfile(weights):
-            raise AdapterFilesError(
-                f"{weights} is missing: the adapter folder holds only {sorted(os.listdir(folder))}. "
-                "Save the adapter again with model.save_pretrained(folder)."
-            )
+            found = sorted(os.listdir(folder))
+            advice = "Save the adapter again with model.save_pretrained(folder)."
+            if PICKLED_WEIGHTS_NAME in found:
+                advice = (
+                    f"{PICKLED_WEIGHTS_NAME} is a pickle, which register_adapter does not load (unpickling can run "
+                    "code). Save the adapter again with model.save_pretrained(folder), which writes safetensors."
+                )
+            raise AdapterFilesError(f"{weights} is missing: the adapter folder holds only {found}. {advice}")
     else:
         allowed = {k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only")}
         try:
@@ -153,10 +182,19 @@ def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, **
             ) from error
     try:
         with safe_open(weights, framework="pt") as handle:
-            handle.keys()
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not iterable)
     except Exception as error:
         raise AdapterFilesError(
             f"{weights} is not a readable safetensors file ({error}). It is corrupted or incomplete: "
             "download or save the adapter again."
         ) from error
+    if config is not None and config.hidden_size is not None:
+        expected = (1, config.num_register_tokens, config.hidden_size)
+        for key, shape in shapes.items():
+            if key.endswith("register_tokens") and shape != expected:
+                raise AdapterFilesError(
+                    f"{weights} holds registers of shape {list(shape)} ({key}), but its adapter_config.json says "
+                    f"{config.num_register_tokens} registers of width {config.hidden_size}: the two files come from "
+                    "different saves. Save the adapter again."
+                )
     return weights

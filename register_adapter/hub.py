@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -15,6 +18,12 @@ from .config import RegisterConfig
 from .errors import InvalidConfigError
 
 CARD_TEMPLATE = "adapter_card.md"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+STALE_SAVE_PREFIX = ".saving-"
+SAFETENSORS_ONLY = (
+    "Register adapters are saved as safetensors only (adapter_model.safetensors): a pickled adapter_model.bin can run "
+    "code when it is loaded. Leave safe_serialization at its default (True)."
+)
 METHOD_DESCRIPTIONS = {
     "trained": "trained registers ([arXiv 2309.16588](https://arxiv.org/abs/2309.16588))",
     "distilled": "post-hoc self-distilled registers, PH-Reg ([arXiv 2505.21501](https://arxiv.org/abs/2505.21501))",
@@ -50,9 +59,13 @@ def render_model_card(
     """
     config = _register_config(model, adapter_name)
     base = model.get_base_model()
-    base_model = config.base_model_name_or_path or base.config._name_or_path or "unknown"
+    base_model = config.base_model_name_or_path or base.config._name_or_path or ""
     load_class = type(base).__name__ if hasattr(transformers, type(base).__name__) else "AutoModel"
-    load_kwargs = f", num_labels={base.config.num_labels}" if load_class.endswith("ForImageClassification") else ""
+    load_kwargs = ""
+    if load_class.endswith("ForImageClassification"):
+        # The adapter carries a new head: its size need not match the checkpoint's.
+        load_kwargs = f", num_labels={base.config.num_labels}, ignore_mismatched_sizes=True"
+    hub_id = base_model if _is_hub_id(base_model) else None
     lora = ""
     if config.lora_r:
         targets = ", ".join(f"`{name}`" for name in config.lora_target_modules)
@@ -60,18 +73,20 @@ def render_model_card(
     tags = ["register_adapter", "registers", "vision-transformer", str(config.family), f"registers-{config.method}"]
     card_data = ModelCardData(
         library_name="peft",
-        base_model=base_model if "/" in base_model and not os.path.isdir(base_model) else None,
+        base_model=hub_id,
         tags=tags,
         license=None,
     )
+    name = base_model.rstrip("/").split("/")[-1] or type(base).__name__
     template = resources.files("register_adapter.model_cards").joinpath(CARD_TEMPLATE)
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(
             card_data,
             template_path=str(template_path),
-            title=f"{base_model.rstrip('/').split('/')[-1]} with {config.num_register_tokens} register tokens",
-            base_model=base_model,
-            base_model_url=f"https://huggingface.co/{base_model}" if "/" in base_model else "#",
+            title=f"{name} with {config.num_register_tokens} register tokens",
+            base_model=base_model or f"a {type(base).__name__} built from its config",
+            base_model_url=f"https://huggingface.co/{hub_id}" if hub_id else None,
+            load_path=base_model or "path/to/the/base/model",
             family=config.family,
             num_register_tokens=config.num_register_tokens,
             method=config.method,
@@ -87,16 +102,30 @@ def render_model_card(
         )
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` looks like a Hub repository id (``org/name``) rather than a local path."""
+    return bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
+
+
 def _format_values(values: dict[str, Any] | None) -> dict[str, str]:
     return {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in (values or {}).items()}
 
 
 def atomic_save(model: PeftModel, save_directory: str | os.PathLike, save: Any, **kwargs: Any) -> None:
     """Run ``save(tmp_dir, **kwargs)`` into a temporary folder inside ``save_directory``, then move each file into
-    place with ``os.replace``: an interrupted save leaves the previous adapter files as they were."""
+    place with ``os.replace``, the config last: an interrupted save leaves the previous adapter files as they were.
+
+    Raises:
+        InvalidConfigError: ``safe_serialization=False`` (register adapters are only saved as safetensors).
+    """
+    if kwargs.get("safe_serialization", True) is False:
+        raise InvalidConfigError(SAFETENSORS_ONLY)
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=save_directory, prefix=".saving-") as tmp:
+    for name in os.listdir(save_directory):  # left by a save that was killed
+        if name.startswith(STALE_SAVE_PREFIX):
+            shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=save_directory, prefix=STALE_SAVE_PREFIX) as tmp:
         save(tmp, **kwargs)
         for root, _, files in os.walk(tmp):
             relative = os.path.relpath(root, tmp)
@@ -116,19 +145,23 @@ def push_to_hub(
     private: bool | None = None,
     token: str | None = None,
     revision: str | None = None,
+    create_pr: bool = False,
+    commit_description: str | None = None,
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> str:
     """Save the adapter with its model card into a temporary folder and upload it in one commit.
 
     Works with any ``PeftModel`` that holds a register adapter (also one loaded with ``PeftModel.from_pretrained``).
-    Returns the commit URL.
+    ``extra_files`` (e.g. the base model's ``config.json`` with its labels, ``preprocessor_config.json``) are uploaded
+    next to the adapter under their own names. Returns the commit URL.
     """
     adapter_name = adapter_name or model.active_adapter
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        PeftModel.save_pretrained(model, tmp, selected_adapters=[adapter_name])
+        _PEFT_METHODS["save_pretrained"](model, tmp, selected_adapters=[adapter_name])
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
         card = render_model_card(model, adapter_name, repo_id=repo_id, metrics=metrics, training=training)
         card.save(os.path.join(folder, "README.md"))
@@ -136,5 +169,77 @@ def push_to_hub(
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
             for name in sorted(os.listdir(folder))
         ]
-        info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+        operations += [
+            CommitOperationAdd(path_in_repo=os.path.basename(path), path_or_fileobj=os.fspath(path))
+            for path in extra_files
+        ]
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
     return info.commit_url
+
+
+# PeftModel's own methods, before install_peft_model_methods wraps them.
+_PEFT_METHODS: dict[str, Callable[..., Any]] = {}
+# PushToHubMixin arguments that mean nothing for an adapter of a few kilobytes.
+_IGNORED_PUSH_ARGUMENTS = ("use_temp_dir", "max_shard_size")
+
+
+def _holds_registers(model: PeftModel) -> bool:
+    return any(isinstance(config, RegisterConfig) for config in model.peft_config.values())
+
+
+def _card_metadata(model: PeftModel) -> dict[str, Any]:
+    return model.__dict__.get("card_metadata") or {}
+
+
+def _save_pretrained(self: PeftModel, save_directory: str, **kwargs: Any) -> None:
+    if not _holds_registers(self):
+        return _PEFT_METHODS["save_pretrained"](self, save_directory, **kwargs)
+    atomic_save(
+        self,
+        save_directory,
+        lambda folder, **options: _PEFT_METHODS["save_pretrained"](self, folder, **options),
+        **kwargs,
+    )
+
+
+def _create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+    if not _holds_registers(self):
+        return _PEFT_METHODS["create_or_update_model_card"](self, output_dir)
+    card = render_model_card(self, self.active_adapter, **_card_metadata(self))
+    card.save(os.path.join(output_dir, "README.md"))
+
+
+def _push_to_hub(self: PeftModel, repo_id: str, **kwargs: Any) -> Any:
+    if not _holds_registers(self):
+        return _PEFT_METHODS["push_to_hub"](self, repo_id, **kwargs)
+    if kwargs.pop("safe_serialization", True) is False:
+        raise InvalidConfigError(SAFETENSORS_ONLY)
+    for name in _IGNORED_PUSH_ARGUMENTS:
+        kwargs.pop(name, None)
+    return push_to_hub(self, repo_id, **{**_card_metadata(self), **kwargs})
+
+
+def install_peft_model_methods() -> None:
+    """Make every ``PeftModel`` that holds register adapters, whether made by :func:`~register_adapter.add_registers`,
+    ``get_peft_model``, ``PeftModel.from_pretrained`` or ``AutoPeftModel``, save atomically (:func:`atomic_save`),
+    write the register model card (:func:`render_model_card`) and push with it (:func:`push_to_hub`). Models holding
+    other adapter types keep PEFT's behaviour. Idempotent.
+    """
+    ours = {
+        "save_pretrained": _save_pretrained,
+        "create_or_update_model_card": _create_or_update_model_card,
+        "push_to_hub": _push_to_hub,
+    }
+    for name, method in ours.items():
+        if getattr(getattr(PeftModel, name), "_register_adapter", False):
+            continue
+        _PEFT_METHODS[name] = getattr(PeftModel, name)
+        method._register_adapter = True
+        setattr(PeftModel, name, method)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.backbone_utils import BackboneMixin
 
 from .architectures import VisionTower
 from .config import RegisterConfig
@@ -30,14 +31,13 @@ def remove_tokens(sequence: torch.Tensor, position: int, count: int) -> torch.Te
     return torch.cat([sequence[:, :position], sequence[:, position + count :]], dim=1)  # (B, S - count, ...)
 
 
-def _strip_output(output: Any, position: int, count: int, strip_hidden_states: bool) -> Any:
+def _strip_output(output: Any, position: int, count: int) -> Any:
+    """Remove the registers from ``last_hidden_state`` of a module output (a tensor, a tuple or a model output)."""
     if isinstance(output, torch.Tensor):
         return remove_tokens(output, position, count)
     if isinstance(output, tuple) and not hasattr(output, "keys"):
         return (remove_tokens(output[0], position, count), *output[1:])
     output.last_hidden_state = remove_tokens(output.last_hidden_state, position, count)
-    if strip_hidden_states and output.hidden_states is not None:
-        output.hidden_states = tuple(remove_tokens(h, position, count) for h in output.hidden_states)
     return output
 
 
@@ -49,8 +49,20 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
     position embedding and position interpolation keeps working unchanged.
 
     The layer also installs forward hooks on the vision tower (never on the wrapped module): one pads a user attention
-    mask for the registers, one removes the registers from ``last_hidden_state`` (and, for ``*Backbone`` models, from
-    the per-layer hidden states the feature maps are built from). They are removed by :meth:`remove_hooks`.
+    mask for the registers, one removes the registers again. They are removed by :meth:`remove_hooks`. Where
+    registers are removed:
+
+    * ``hidden_states`` and ``attentions`` always hold every token, registers included: they are the residual
+      stream, as in transformers' native ``Dinov2WithRegisters`` models (split them with
+      :func:`register_adapter.split_tokens`).
+    * With ``strip_registers=True`` (the default) ``last_hidden_state`` and everything computed from it (poolers,
+      heads) see the sequence without registers, so outputs keep the base model's shapes.
+    * With ``strip_registers=False`` ``last_hidden_state`` keeps them, and so do the heads computed from it.
+    * Outputs laid out on the patch grid never hold registers, whatever ``strip_registers`` says: ``*Backbone``
+      feature maps (when ``reshape_hidden_states``; sequence-shaped feature maps follow ``strip_registers``), the
+      masked-image-modeling and MAE decoders (``FamilySpec.spatial_heads``). A ``*Backbone`` thus behaves as the
+      native ``Dinov2WithRegistersBackbone``: registers are removed only from the copy of the hidden states that the
+      feature maps are built from. DINOv3's backbone ``last_hidden_state`` follows ``strip_registers``.
     """
 
     adapter_layer_names = ("register_tokens",)
@@ -144,19 +156,24 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
 
     def _install_hooks(self, tower: VisionTower, is_backbone: bool) -> None:
         spec = tower.spec
-        if is_backbone and spec.encoder is not None:
-            self._strip_hidden_states = True
-            strip_module = tower.submodule(spec.encoder)
+        module = tower.module
+        self._always_strip = tower.has_spatial_head
+        self._full_hidden_states: tuple[torch.Tensor, ...] | None = None
+        self._reshape = self._return_tuple = False
+        if (is_backbone or isinstance(module, BackboneMixin)) and spec.encoder is not None:
+            # Feature maps are built from the encoder's hidden states inside the backbone's forward.
+            self._final_norm = spec.strip_at
+            self._hooks.append(module.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
+            self._hooks.append(tower.submodule(spec.encoder).register_forward_hook(self._backbone_encoder_hook))
+            self._hooks.append(module.register_forward_hook(self._backbone_output_hook))
         else:
-            self._strip_hidden_states = False
-            strip_module = tower.submodule(spec.strip_at)
-        self._hooks.append(strip_module.register_forward_hook(self._strip_hook))
+            self._hooks.append(tower.submodule(spec.strip_at).register_forward_hook(self._strip_hook))
         if spec.mask_argument is not None:
             self._mask_argument = spec.mask_argument
-            self._mask_position = list(inspect.signature(tower.module.forward).parameters).index(spec.mask_argument)
-            self._hooks.append(tower.module.register_forward_pre_hook(self._pad_mask_hook, with_kwargs=True))
+            self._mask_position = list(inspect.signature(module.forward).parameters).index(spec.mask_argument)
+            self._hooks.append(module.register_forward_pre_hook(self._pad_mask_hook, with_kwargs=True))
         for path in spec.unpad_mask_at:
-            if hasattr(tower.module, path.split(".")[0]):
+            if hasattr(module, path.split(".")[0]):
                 self._hooks.append(
                     tower.submodule(path).register_forward_pre_hook(self._unpad_mask_hook, with_kwargs=True)
                 )
@@ -167,9 +184,42 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         self._hooks.clear()
 
     def _strip_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if self.num_inserted == 0 or not self._strip:
+        if self.num_inserted == 0 or not (self._strip or self._always_strip):
             return None
-        return _strip_output(output, self.num_prefix_tokens, self.num_inserted, self._strip_hidden_states)
+        return _strip_output(output, self.num_prefix_tokens, self.num_inserted)
+
+    def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._full_hidden_states, self._return_tuple = None, False
+        if self.num_active_registers == 0:
+            return None
+        # Feature maps are spatial unless the backbone returns them as sequences.
+        self._reshape = bool(getattr(module.config, "reshape_hidden_states", True))
+        # The output hook edits fields by name, so the backbone returns a model output; it is turned into the tuple
+        # the caller asked for afterwards (as transformers' ``can_return_tuple`` would).
+        return_dict = kwargs.get("return_dict")
+        self._return_tuple = not (getattr(module.config, "return_dict", True) if return_dict is None else return_dict)
+        return args, {**kwargs, "return_dict": True}
+
+    def _backbone_encoder_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.num_inserted == 0 or output.hidden_states is None or not (self._strip or self._reshape):
+            return None  # no registers, or sequence-shaped feature maps that keep them
+        self._full_hidden_states = output.hidden_states
+        output.hidden_states = tuple(
+            remove_tokens(hidden, self.num_prefix_tokens, self.num_inserted) for hidden in output.hidden_states
+        )  # (B, S, D) each: the copy the feature maps are built from
+        return output
+
+    def _backbone_output_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        full, self._full_hidden_states = self._full_hidden_states, None
+        if full is not None:
+            if output.get("hidden_states") is not None:  # only there when the caller asked for them
+                output.hidden_states = type(output.hidden_states)(
+                    None if mine is None else whole for mine, whole in zip(output.hidden_states, full, strict=True)
+                )
+            if not self._strip and getattr(output, "last_hidden_state", None) is not None:
+                norm = module.get_submodule(self._final_norm)
+                output.last_hidden_state = norm(full[-1])  # DINOv3: the normed last stage, every token
+        return output.to_tuple() if self._return_tuple else output
 
     def _pad_mask_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         count = self.num_active_registers

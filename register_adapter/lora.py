@@ -34,14 +34,34 @@ def lora_pattern(layers_path: str, names: list[str] | tuple[str, ...]) -> str:
     return rf"{re.escape(layers_path)}\.\d+\.(?:.*\.)?(?:{alternatives})"
 
 
+def check_lora_targets(tower, names: list[str] | tuple[str, ...]) -> None:
+    """Check that every name in ``names`` (the last dotted parts of a module path) names ``nn.Linear`` layers, and
+    only those, in the tower's first block.
+
+    Raises:
+        InvalidConfigError: a name matches no layer, or a layer that is not an ``nn.Linear``; the message lists the
+            block's linear layers.
+    """
+    modules = dict(tower.blocks[0].named_modules())
+    linear = sorted({path.rsplit(".", 1)[-1] for path, module in modules.items() if isinstance(module, nn.Linear)})
+    for name in names:
+        matched = [module for path, module in modules.items() if path == name or path.endswith(f".{name}")]
+        others = sorted({type(module).__name__ for module in matched if not isinstance(module, nn.Linear)})
+        if not matched or others:
+            found = f"matches {', '.join(others)}, not nn.Linear" if matched else "matches no layer"
+            raise InvalidConfigError(
+                f"lora_target_modules entry {name!r} {found} in the blocks of {type(tower.module).__name__}: LoRA "
+                f"inside a register adapter wraps linear layers. Its blocks have these: {linear}."
+            )
+
+
 def add_lora(target: nn.Module, adapter_name: str, config, current_key: str) -> nn.Module | None:
     """Wrap ``target`` in a LoRA layer for ``adapter_name``, or add the adapter to an existing LoRA layer.
 
+    ``target`` is an ``nn.Linear`` (see :func:`check_lora_targets`).
+
     Returns:
         The new module to put in place of ``target``, or ``None`` when ``target`` already was a LoRA layer.
-
-    Raises:
-        InvalidConfigError: ``target`` is not an ``nn.Linear``.
     """
     settings = lora_config(config)
     if isinstance(target, LoraLayer):
@@ -49,11 +69,6 @@ def add_lora(target: nn.Module, adapter_name: str, config, current_key: str) -> 
             adapter_name, config.lora_r, lora_alpha=config.lora_alpha, config=settings, target_name=current_key
         )
         return None
-    if not isinstance(target, nn.Linear):
-        raise InvalidConfigError(
-            f"lora_target_modules matched {current_key} ({type(target).__name__}), but LoRA inside a register adapter "
-            "wraps nn.Linear layers only. Name linear layers, e.g. ['q_proj', 'v_proj']."
-        )
     return LoraLinear(
         target, adapter_name, config=settings, r=config.lora_r, lora_alpha=config.lora_alpha, target_name=current_key
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import copy
 import re
 from typing import Any
 
@@ -15,7 +15,7 @@ from .architectures import find_vision_tower
 from .config import REGISTERS, RegisterConfig
 from .errors import AdapterMismatchError, MergeNotSupportedError
 from .layer import MERGE_MESSAGE, RegisterLayer
-from .lora import add_lora, lora_pattern
+from .lora import add_lora, check_lora_targets, lora_pattern
 
 PREFIX = "register_tokens"
 
@@ -31,19 +31,30 @@ class RegisterModel(BaseTuner):
     tuner_layer_cls = BaseTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Each adapter gets its own copy of the config: the fields filled in below describe this model, and a config
+        # object the user passes again (to another model) must not carry them over.
+        self.peft_config[adapter_name] = copy.copy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _prepare_adapter_config(self, peft_config: RegisterConfig, model_config: dict) -> RegisterConfig:
         tower = find_vision_tower(self.model)
-        for field, found in (("family", tower.spec.name), ("hidden_size", tower.hidden_size)):
+        found = {
+            "family": tower.spec.name,
+            "hidden_size": tower.hidden_size,
+            "native_register_tokens": tower.num_native_registers,
+        }
+        for field, value in found.items():
             expected = getattr(peft_config, field)
-            if expected is not None and expected != found:
+            if expected is not None and expected != value:
                 raise AdapterMismatchError(
-                    f"This adapter was made for {field}={expected!r}, but the model has {field}={found!r} "
+                    f"This adapter was made for {field}={expected!r}, but the model has {field}={value!r} "
                     f"({type(self.model).__name__}). Load it into a model of the same family and size."
                 )
-        peft_config.family = tower.spec.name
-        peft_config.hidden_size = tower.hidden_size
+            setattr(peft_config, field, value)
         peft_config.target_modules = re.escape(tower.key(tower.spec.embeddings))
         if peft_config.lora_r:
+            check_lora_targets(tower, peft_config.lora_target_modules)
             lora = lora_pattern(tower.key(tower.spec.layers), peft_config.lora_target_modules)
             peft_config.target_modules = f"{peft_config.target_modules}|{lora}"
         return peft_config
@@ -75,11 +86,6 @@ class RegisterModel(BaseTuner):
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
 
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # Registers are cast to the dtype of the sequence in forward; keeping them as created avoids a bf16 model
-        # silently getting fp32 registers that no longer match what was saved.
-        return None
-
     def _check_merge_allowed(self) -> None:
         raise MergeNotSupportedError(MERGE_MESSAGE)
 
@@ -110,43 +116,17 @@ def register_peft_type() -> None:
     """Make ``REGISTERS`` known to PEFT's lookups (idempotent; done when ``register_adapter`` is imported).
 
     PEFT's ``register_peft_method`` only accepts members of its closed ``PeftType`` enum, so the three mappings that
-    every lookup goes through are filled directly.
+    every lookup goes through are filled directly. ``PeftModel`` saves, model cards and Hub pushes of register adapters
+    go through :mod:`register_adapter.hub` (see :func:`~register_adapter.hub.install_peft_model_methods`).
     """
     from peft import mapping
+
+    from .hub import install_peft_model_methods
 
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[REGISTERS] = RegisterConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[REGISTERS] = RegisterModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[REGISTERS] = PREFIX
-
-
-class RegisterPeftModel(peft.PeftModel):
-    """A ``peft.PeftModel`` whose saves are atomic and whose model card describes the registers.
-
-    ``save_pretrained`` writes into a temporary folder first and moves the files into place, so an interrupted save
-    leaves the previous adapter readable. ``push_to_hub`` uploads the adapter with our model card in one commit.
-    Set ``card_metadata["metrics"]`` / ``card_metadata["training"]`` to show results in the card.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.card_metadata: dict[str, dict[str, Any]] = {}
-
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        from .hub import atomic_save
-
-        atomic_save(self, save_directory, super().save_pretrained, **kwargs)
-
-    def create_or_update_model_card(self, output_dir: str) -> None:
-        from .hub import render_model_card
-
-        card = render_model_card(self, self.active_adapter, **self.card_metadata)
-        card.save(os.path.join(output_dir, "README.md"))
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload the active adapter and its model card in one commit; see :func:`register_adapter.hub.push_to_hub`."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **{**self.card_metadata, **kwargs})
+    install_peft_model_methods()
 
 
 def add_registers(
@@ -154,8 +134,9 @@ def add_registers(
 ) -> peft.PeftModel:
     """Give a vision transformer ``num_register_tokens`` trainable register tokens, as a ``peft.PeftModel``.
 
-    Equivalent to ``peft.get_peft_model(model, RegisterConfig(num_register_tokens=..., **config_kwargs))``, returning
-    a :class:`RegisterPeftModel` (a ``PeftModel`` with atomic saves and a register model card).
+    This is ``peft.get_peft_model(model, RegisterConfig(num_register_tokens=..., **config_kwargs))``. Like every
+    ``PeftModel`` holding a register adapter, it saves atomically and writes a register model card; set
+    ``model.card_metadata = {"metrics": {...}, "training": {...}}`` to show results in that card.
 
     Args:
         model: A transformers ViT, DeiT, CLIP, DINOv2, DINOv3, SigLIP, I-JEPA, ViTMAE or AIMv2 model.
@@ -172,7 +153,4 @@ def add_registers(
     (128, 33440)
     """
     config = RegisterConfig(num_register_tokens=num_register_tokens, **config_kwargs)
-    if config.base_model_name_or_path is None:
-        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-        config.base_model_name_or_path = name or None
-    return RegisterPeftModel(model, config, adapter_name=adapter_name)
+    return peft.get_peft_model(model, config, adapter_name=adapter_name)

@@ -32,7 +32,8 @@ def _rebuild(
     config = config_cls(**values, **config_updates)
     new_cls = getattr(transformers, class_name)
     parameter = next(model.parameters())
-    new = new_cls(config).to(device=parameter.device, dtype=parameter.dtype)
+    with torch.device(parameter.device):  # no CPU copy of a model that lives on the GPU
+        new = new_cls(config).to(dtype=parameter.dtype)
     new.set_attn_implementation(model.config._attn_implementation)
     src, dst = model.base_model_prefix, new.base_model_prefix
     state = {(dst + k[len(src) :] if k.startswith(src + ".") else k): v for k, v in state.items()}
@@ -52,6 +53,10 @@ def from_dinov2_with_registers(
             registers, so outputs are identical at every resolution. With ``False`` the base is a plain ``Dinov2*``
             class: identical at the native resolution, about 4e-3 apart at others.
         adapter_name: Name of the adapter holding the registers.
+
+    The adapter records the base it was made for (``family``, ``native_register_tokens``): with ``antialias=True``
+    it loads into a ``Dinov2WithRegisters*`` model built with ``num_register_tokens=0``, with ``antialias=False``
+    into a plain ``Dinov2*`` model; any other base is refused with :class:`~register_adapter.AdapterMismatchError`.
 
     Example:
 

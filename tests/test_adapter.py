@@ -1,14 +1,28 @@
 """The canonical adapter tests, over every supported family and head (tiny models built from configs)."""
 
 import copy
+import inspect
 import os
+import re
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 from testing_common import CASE_IDS, CASES, build, make_inputs, max_diff, shapes, tensors
 
-from register_adapter import RegisterLayer, add_registers, split_tokens, token_layout
+from register_adapter import (
+    FamilySpec,
+    RegisterConfig,
+    RegisterLayer,
+    UnsupportedModelError,
+    add_registers,
+    architectures,
+    find_vision_tower,
+    split_tokens,
+    supported_model_types,
+    token_layout,
+)
 
 NUM_REGISTERS = 3
 
@@ -101,8 +115,6 @@ def test_hidden_states_keep_registers_for_the_residual_stream():
 def test_multiple_adapters_each_with_its_own_register_count(tmp_path):
     base, model = adapted("tiny-vit", "base")
     inputs = make_inputs("tiny-vit")
-    from register_adapter import RegisterConfig
-
     model.add_adapter("five", RegisterConfig(num_register_tokens=5, init="scaled_randn"))
     with torch.no_grad():
         first = model(**inputs).last_hidden_state
@@ -112,11 +124,15 @@ def test_multiple_adapters_each_with_its_own_register_count(tmp_path):
     assert second.hidden_states[-1].shape[1] == 226 + 5
     assert float((first - second.last_hidden_state).abs().max()) > 1e-4
 
-    model.save_pretrained(tmp_path, selected_adapters=["five"])
+    model.save_pretrained(tmp_path, selected_adapters=["default", "five"])  # default in tmp_path, five in five/
     loaded = PeftModel.from_pretrained(build("tiny-vit", "base"), tmp_path / "five", adapter_name="five")
-    loaded.load_adapter(tmp_path / "five", adapter_name="other")
+    loaded.load_adapter(tmp_path, adapter_name="other")
+    assert loaded.active_adapters == ["five"]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).last_hidden_state, second.last_hidden_state)
+        loaded.set_adapter("other")
+        assert token_layout(loaded).num_registers == NUM_REGISTERS
+        assert torch.equal(loaded(**inputs).last_hidden_state, first)
 
     model.delete_adapter("five")
     assert model.active_adapters == ["default"]
@@ -153,54 +169,92 @@ def test_modules_to_save_trains_and_saves_a_new_head(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", ["tiny-dinov2", "tiny-siglip2"])
-def test_user_attention_mask_is_padded_for_the_registers(name):
-    """Masked-out tokens must not influence the others: change their pixels, the rest of the output stays."""
-    _, model = adapted(name, "base")
+@pytest.mark.parametrize(("name", "task"), CASES, ids=CASE_IDS)
+def test_mask_argument_is_the_mask_the_tower_forward_takes(name, task):
+    tower = find_vision_tower(build(name, task))
+    masks = [p for p in inspect.signature(tower.module.forward).parameters if p.endswith("attention_mask")]
+    assert masks == ([tower.spec.mask_argument] if tower.spec.mask_argument else [])
+
+
+SPATIAL = [
+    ("tiny-dinov2", "backbone"),
+    ("tiny-dinov2-with-registers", "backbone"),
+    ("tiny-dinov3", "backbone"),
+    ("tiny-vit", "masked-image-modeling"),
+    ("tiny-vit-mae", "pretraining"),
+]
+
+
+@pytest.mark.parametrize(("name", "task"), SPATIAL, ids=[f"{n}-{t}" for n, t in SPATIAL])
+def test_strip_registers_false_still_keeps_registers_out_of_the_patch_grid(name, task):
+    """Feature maps and MIM/MAE decoders lay tokens out as patches: registers never go there. Everything else is the
+    same as with stripped registers; a backbone's ``last_hidden_state`` (DINOv3) keeps them."""
+    _, stripped = adapted(name, task)
+    kept = add_registers(copy.deepcopy(stripped.get_base_model()), NUM_REGISTERS, strip_registers=False)
+    kept.load_state_dict(stripped.state_dict())
     inputs = make_inputs(name)
-    key = "pixel_attention_mask" if name == "tiny-siglip2" else "attention_mask"
-    length = 225 if name == "tiny-siglip2" else 226
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[:, -20:] = 0
-    inputs[key] = mask
-    changed = dict(inputs)
-    if name == "tiny-siglip2":
-        changed["pixel_values"] = inputs["pixel_values"].clone()
-        changed["pixel_values"][:, -20:] += 5.0
-    else:
-        changed["pixel_values"] = inputs["pixel_values"].clone()
-        changed["pixel_values"][..., -2:, -4:] += 5.0  # the last patches of the 15 x 15 grid
     with torch.no_grad():
-        a = model(**inputs).last_hidden_state[:, :-20]
-        b = model(**changed).last_hidden_state[:, :-20]
-        unmasked = dict(inputs)
-        unmasked.pop(key) if key == "attention_mask" else unmasked.update({key: torch.ones_like(mask)})
-        c = model(**unmasked).last_hidden_state[:, :-20]
-    assert torch.allclose(a, b, atol=1e-5)
-    assert not torch.allclose(a, c, atol=1e-3)
+        short = stripped(**inputs, output_hidden_states=True)
+        long = kept(**inputs, output_hidden_states=True)
+    assert long.hidden_states[0].shape[1] == short.hidden_states[0].shape[1]  # both hold every token
+    assert split_tokens(long.hidden_states[0], kept).registers.shape[1] == token_layout(kept).num_all_registers
+    last = getattr(long, "last_hidden_state", None)
+    if last is not None:
+        prefix = find_vision_tower(kept).num_prefix_tokens
+        assert last.shape[1] == short.last_hidden_state.shape[1] + NUM_REGISTERS
+        assert torch.equal(
+            torch.cat([last[:, :prefix], last[:, prefix + NUM_REGISTERS :]], 1), short.last_hidden_state
+        )
+        long.last_hidden_state = short.last_hidden_state
+    assert shapes(long) == shapes(short)
+    assert max_diff(long, short) == 0.0
 
 
-def test_registers_follow_the_model_dtype_after_peft_upcasting():
-    base = build("tiny-vit", "base").to(torch.bfloat16)
-    model = add_registers(base, 2)
-    assert model.base_model.model.embeddings.register_tokens["default"].dtype == torch.bfloat16
-    with torch.no_grad():
-        out = model(pixel_values=torch.rand(1, 3, 30, 30, dtype=torch.bfloat16))
-    assert out.last_hidden_state.dtype == torch.bfloat16
+MSN_CONFIG = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "image_size": 30,
+    "patch_size": 2,
+    "layer_norm_eps": 1e-6,  # ViT-MSN's default; ViT's is 1e-12
+}
 
 
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-deit"])
-def test_interpolate_pos_encoding_at_another_resolution(name):
-    base, model = adapted(name, "base")
-    x = torch.rand(2, 3, 44, 38)
-    with torch.no_grad():
-        got = model(pixel_values=x, interpolate_pos_encoding=True)
-        expected = base(pixel_values=x, interpolate_pos_encoding=True)
-        hidden = model(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states[0]
-    assert got.last_hidden_state.shape == expected.last_hidden_state.shape
-    assert hidden.shape[1] == expected.last_hidden_state.shape[1] + NUM_REGISTERS
-    # Registers get no position embedding: in the embedding output they are exactly the learned tokens.
-    assert torch.equal(
-        split_tokens(hidden, model).registers,
-        model.base_model.model.embeddings.register_tokens["default"].expand(2, -1, -1),
+def test_register_family_declares_a_new_family_in_one_row(monkeypatch, tmp_path):
+    """ViT-MSN is ViT's architecture under another model type: once declared, it must give exactly ViT's outputs."""
+    monkeypatch.setattr(architectures, "FAMILIES", dict(architectures.FAMILIES))
+    torch.manual_seed(0)
+    msn = transformers.ViTMSNModel(transformers.ViTMSNConfig(**MSN_CONFIG)).eval()
+    message = (
+        f"ViTMSNModel (model_type='vit_msn') has no vision tower that register_adapter supports. Supported model "
+        f"types: {', '.join(supported_model_types())}. To add a family, declare it with "
+        "register_adapter.register_family(FamilySpec(...)) (see register_adapter/architectures.py)."
     )
+    with pytest.raises(UnsupportedModelError, match=f"^{re.escape(message)}$"):
+        add_registers(copy.deepcopy(msn))
+
+    spec = FamilySpec(
+        name="vit_msn", model_types=("vit_msn",), layers="layers", strip_at="layernorm", mlp_out_proj=("mlp.fc2",)
+    )
+    assert architectures.register_family(spec) is spec
+    assert "vit_msn" in supported_model_types()
+    model = add_registers(copy.deepcopy(msn), NUM_REGISTERS, init="scaled_randn")
+    vit = transformers.ViTModel(transformers.ViTConfig(**MSN_CONFIG), add_pooling_layer=False).eval()
+    vit.load_state_dict(msn.state_dict())
+    oracle = add_registers(vit, NUM_REGISTERS)
+    oracle.load_state_dict(model.state_dict())
+    inputs = make_inputs("tiny-vit")
+    with torch.no_grad():
+        got = model(**inputs, output_hidden_states=True)
+        expected = oracle(**inputs, output_hidden_states=True)
+        with model.disable_adapter():
+            assert torch.equal(model(**inputs).last_hidden_state, msn(**inputs).last_hidden_state)
+    assert got.last_hidden_state.shape == (2, 226, 32) and got.hidden_states[0].shape == (2, 229, 32)
+    assert max_diff(got, expected) == 0.0
+
+    model.save_pretrained(tmp_path)
+    assert model.peft_config["default"].family == "vit_msn"
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(msn), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).last_hidden_state, got.last_hidden_state)

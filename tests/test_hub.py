@@ -20,7 +20,7 @@ X = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
 
 def trained_adapter(**kwargs):
     base = build_tiny_model("tiny-vit", "classification", num_labels=3)
-    base.config._name_or_path = "org/tiny-vit"
+    base.name_or_path = base.config._name_or_path = "org/tiny-vit"  # as from_pretrained("org/tiny-vit") sets them
     model = add_registers(base, 4, init="scaled_randn", modules_to_save=["classifier"], **kwargs)
     return model
 
@@ -36,7 +36,7 @@ def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(fake_hub, tmp_pa
     build_tiny_model("tiny-vit", "classification", num_labels=3).save_pretrained(fake_hub.snapshot("org/tiny-vit"))
     fake_hub.create_repo(None, "org/tiny-vit")
     model = trained_adapter()
-    model.card_metadata["metrics"] = {"eval_accuracy": 0.875}
+    model.card_metadata = {"metrics": {"eval_accuracy": 0.875}}
     model.push_to_hub("org/vit-registers")
 
     assert fake_hub.commits == [
@@ -46,7 +46,11 @@ def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(fake_hub, tmp_pa
     assert "# tiny-vit with 4 register tokens" in card
     assert "| register tokens | 4 |" in card
     assert "| eval_accuracy | 0.875 |" in card
-    assert 'base = ViTForImageClassification.from_pretrained("org/tiny-vit", num_labels=3)' in card
+    assert (
+        'base = ViTForImageClassification.from_pretrained("org/tiny-vit", num_labels=3, ignore_mismatched_sizes=True)'
+        in card
+    )
+    assert "[`org/tiny-vit`](https://huggingface.co/org/tiny-vit)" in card
     assert 'PeftModel.from_pretrained(base, "org/vit-registers")' in card
     assert "| trained and saved modules | `classifier` |" in card
     assert "LoRA" not in card
@@ -127,6 +131,8 @@ def test_reload_in_a_fresh_process_gives_identical_outputs(tmp_path):
 
 
 def test_transformers_add_adapter_and_load_adapter(tmp_path):
+    from testing_common import max_diff
+
     from register_adapter import RegisterConfig
 
     model = trained_adapter()
@@ -144,6 +150,15 @@ def test_transformers_add_adapter_and_load_adapter(tmp_path):
         out = fresh(pixel_values=X, output_hidden_states=True)
     assert out.hidden_states[0].shape == (2, 228, 32) and out.last_hidden_state.shape == (2, 226, 32)
     fresh.delete_adapter("two")
+    # The last adapter is gone: transformers reports none loaded, and the model is the base model again.
+    assert not fresh._hf_peft_config_loaded
+    with pytest.raises(ValueError, match="^No adapter loaded. Please load an adapter first.$"):
+        fresh.active_adapters()
+    with torch.no_grad():
+        out = fresh(pixel_values=X, output_hidden_states=True)
+        expected = build_tiny_model("tiny-vit", "base")(pixel_values=X, output_hidden_states=True)
+    assert out.hidden_states[0].shape == (2, 226, 32)
+    assert max_diff(out, expected) == 0.0
 
 
 def test_missing_weights_file_is_a_typed_error(tmp_path):

@@ -109,8 +109,9 @@ def test_lora_targets_must_be_linear_layers():
     with pytest.raises(InvalidConfigError) as error:
         lora_model("tiny-vit", lora_target_modules=["attention"])
     assert str(error.value) == (
-        "lora_target_modules matched layers.0.attention (ViTAttention), but LoRA inside a register adapter wraps "
-        "nn.Linear layers only. Name linear layers, e.g. ['q_proj', 'v_proj']."
+        "lora_target_modules entry 'attention' matches ViTAttention, not nn.Linear in the blocks of ViTModel: LoRA "
+        "inside a register adapter wraps linear layers. Its blocks have these: ['fc1', 'fc2', 'k_proj', 'o_proj', "
+        "'q_proj', 'v_proj']."
     )
 
 
@@ -118,4 +119,4 @@ def test_lora_targets_must_be_linear_layers():
 def test_lora_r_must_be_a_non_negative_int(rank):
     with pytest.raises(InvalidConfigError) as error:
         RegisterConfig(lora_r=rank)
-    assert str(error.value) == f"lora_r must be an int >= 0 (0 disables LoRA), got {rank!r}."
+    assert str(error.value) == f"lora_r must be an int >= 0, got {rank!r}. 0 disables LoRA."

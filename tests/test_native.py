@@ -2,17 +2,27 @@
 
 import pytest
 import torch
-from testing_common import max_diff
+from testing_common import max_diff, shapes
 
-from register_adapter import find_vision_tower, from_dinov2_with_registers, to_dinov2_with_registers
+from register_adapter import (
+    RegisterConfig,
+    add_registers,
+    find_vision_tower,
+    from_dinov2_with_registers,
+    to_dinov2_with_registers,
+)
 from register_adapter.tiny import build_tiny_model
 
 TASKS = {"base": "pooler_output", "classification": "logits", "backbone": "feature_maps"}
 SIZES = [(30, 30), (44, 44), (30, 46)]
 
 
-def native_model(task, attn="sdpa", num_register_tokens=4):
-    overrides = {"num_labels": 3} if task == "classification" else {}
+ALL_STAGES = {"out_features": ["stem", "stage1", "stage2"]}
+
+
+def native_model(task, attn="sdpa", num_register_tokens=4, **overrides):
+    if task == "classification":
+        overrides["num_labels"] = 3
     model = build_tiny_model(
         "tiny-dinov2-with-registers", task, num_register_tokens=num_register_tokens, **overrides
     ).requires_grad_(False)
@@ -89,7 +99,7 @@ def test_bf16_matches_the_native_model():
 
 
 def test_extra_registers_follow_the_native_ones():
-    from register_adapter import add_registers, split_tokens, token_layout
+    from register_adapter import split_tokens, token_layout
 
     native = native_model("base", num_register_tokens=2)
     model = add_registers(native, 3, strip_registers=False)
@@ -103,6 +113,122 @@ def test_extra_registers_follow_the_native_ones():
     assert torch.equal(registers[:, :2], native.embeddings.base_layer.register_tokens)
     exported = to_dinov2_with_registers(model)
     assert exported.config.num_register_tokens == 5
+
+
+def without(sequence, start, count):
+    """``sequence`` (B, S, ...) without ``count`` tokens from ``start``."""
+    return torch.cat([sequence[:, :start], sequence[:, start + count :]], dim=1)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_backbone_hidden_states_and_attentions_match_the_native_model(size):
+    """Registers are removed only from the copy the feature maps are built from, as in the native backbone."""
+    native = native_model("backbone", "eager", **ALL_STAGES)
+    model = from_dinov2_with_registers(native)
+    x = torch.rand(2, 3, *size)
+    kwargs = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():
+        expected, got = native(x, **kwargs), model(pixel_values=x, **kwargs)
+        expected_tuple, got_tuple = native(x, return_dict=False), model(pixel_values=x, return_dict=False)
+    assert shapes(got) == shapes(expected)
+    grid, length = (size[0] // 2) * (size[1] // 2), 1 + 4 + (size[0] // 2) * (size[1] // 2)
+    assert [h.shape[1] for h in got.hidden_states] == [length] * 3
+    assert [a.shape[-1] for a in got.attentions] == [length] * 2
+    assert [f.shape for f in got.feature_maps] == [(2, 32, size[0] // 2, size[1] // 2)] * 3 and grid
+    assert max_diff(got, expected) == 0.0
+    assert type(got_tuple) is tuple and len(got_tuple) == len(expected_tuple) == 1
+    assert max_diff(got_tuple, expected_tuple) == 0.0
+
+
+def test_backbone_attention_mask_and_selected_hidden_states_match_the_native_model():
+    native = native_model("backbone", **ALL_STAGES)
+    model = from_dinov2_with_registers(native)
+    x = torch.rand(2, 3, 30, 30)
+    mask = torch.ones(2, 226, dtype=torch.long)
+    mask[0, ::4] = 0
+    native_mask = torch.cat([mask[:, :1], torch.ones(2, 4, dtype=torch.long), mask[:, 1:]], dim=1)
+    with torch.no_grad():
+        expected = native(x, attention_mask=native_mask, output_hidden_states=[0, 2])
+        got = model(pixel_values=x, attention_mask=mask, output_hidden_states=[0, 2])
+    assert got.hidden_states[1] is None and [h.shape for h in got.hidden_states[::2]] == [(2, 230, 32)] * 2
+    assert max_diff(got.feature_maps, expected.feature_maps) == 0.0
+    assert max_diff(got.hidden_states[::2], expected.hidden_states[::2]) == 0.0
+
+
+@pytest.mark.parametrize("strip_registers", [True, False])
+def test_sequence_feature_maps_follow_strip_registers(strip_registers):
+    """With ``reshape_hidden_states=False`` feature maps are sequences: registers stay unless stripped."""
+    native = native_model("backbone", reshape_hidden_states=False)
+    model = from_dinov2_with_registers(native)
+    model.add_adapter("kept", RegisterConfig(num_register_tokens=4, strip_registers=strip_registers))
+    model.set_adapter("kept")
+    registers = find_vision_tower(model).embeddings.register_tokens
+    with torch.no_grad():
+        registers["kept"].copy_(registers["default"])
+        x = torch.rand(2, 3, 30, 30)
+        (got,), (expected,) = model(pixel_values=x).feature_maps, native(x).feature_maps
+    assert expected.shape == (2, 230, 32)
+    assert torch.equal(got, without(expected, 1, 4) if strip_registers else expected)
+
+
+def dinov3_pair(task, attn="sdpa", strip_registers=True):
+    """Native DINOv3 with 5 registers, and the same weights as DINOv3 with 2 native registers plus our 3."""
+    native = build_tiny_model("tiny-dinov3", task, num_register_tokens=5).requires_grad_(False)
+    native.set_attn_implementation(attn)
+    registers = find_vision_tower(native).embeddings.register_tokens
+    torch.nn.init.normal_(registers)
+    torch.nn.init.normal_(find_vision_tower(native).embeddings.mask_token)
+    base = build_tiny_model("tiny-dinov3", task).requires_grad_(False)
+    base.set_attn_implementation(attn)
+    state = native.state_dict()
+    state["embeddings.register_tokens"] = registers[:, :2].clone()  # (1, 2, D): native registers first
+    base.load_state_dict(state)
+    model = add_registers(base, 3, init="zeros", strip_registers=strip_registers)
+    with torch.no_grad():
+        find_vision_tower(model).embeddings.register_tokens["default"].copy_(registers[:, 2:])  # then ours
+    return native, model
+
+
+DINOV3_SIZES = [(32, 32), (48, 48), (32, 56)]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("size", DINOV3_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dinov3_with_extra_registers_equals_native_dinov3_with_all_of_them(size, attn):
+    native, model = dinov3_pair("base", attn)
+    x = torch.rand(2, 3, *size)
+    grid = (size[0] // 4, size[1] // 4)
+    masked_pos = torch.zeros(2, grid[0] * grid[1], dtype=torch.bool)
+    masked_pos[0, ::3] = True
+    kwargs = {"output_hidden_states": True, "output_attentions": attn == "eager"}
+    for extra in ({}, {"bool_masked_pos": masked_pos}):
+        with torch.no_grad():
+            expected, got = native(x, **kwargs, **extra), model(pixel_values=x, **kwargs, **extra)
+        assert [h.shape[1] for h in got.hidden_states] == [1 + 5 + grid[0] * grid[1]] * 3
+        assert max_diff(got.hidden_states, expected.hidden_states) == 0.0
+        if attn == "eager":
+            assert max_diff(got.attentions, expected.attentions) == 0.0
+        assert torch.equal(got.pooler_output, expected.pooler_output)
+        # Our registers are removed from last_hidden_state; the native ones stay, as in the base model.
+        assert torch.equal(got.last_hidden_state, without(expected.last_hidden_state, 3, 3))
+
+
+@pytest.mark.parametrize("strip_registers", [True, False])
+@pytest.mark.parametrize("size", DINOV3_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dinov3_backbone_with_extra_registers_equals_the_native_backbone(size, strip_registers):
+    native, model = dinov3_pair("backbone", "eager", strip_registers=strip_registers)
+    native.config.return_class_token = model.get_base_model().config.return_class_token = True
+    x = torch.rand(2, 3, *size)
+    kwargs = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():
+        expected, got = native(x, **kwargs), model(pixel_values=x, **kwargs)
+        expected_tuple, got_tuple = native(x, return_dict=False), model(pixel_values=x, return_dict=False)
+    assert got.feature_maps[0].shape == (2, 32, size[0] // 4, size[1] // 4)
+    assert shapes(got) == shapes(expected)
+    assert max_diff(got, expected) == 0.0  # feature maps, class tokens, hidden states, attentions
+    assert max_diff(got_tuple, expected_tuple) == 0.0
+    last = expected.last_hidden_state
+    assert torch.equal(got.last_hidden_state, without(last, 3, 3) if strip_registers else last)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,189 @@
+"""Every PeftModel holding a register adapter saves, describes and pushes itself the same way, however it was made;
+adapter files that do not belong together are refused with a typed error."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from register_adapter import (
+    AdapterFilesError,
+    AdapterMismatchError,
+    InvalidConfigError,
+    RegisterConfig,
+    add_registers,
+    from_dinov2_with_registers,
+)
+from register_adapter.hub import SAFETENSORS_ONLY
+from register_adapter.tiny import build_tiny_model
+
+X = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def classifier():
+    base = build_tiny_model("tiny-vit", "classification", num_labels=3)
+    base.name_or_path = base.config._name_or_path = "org/tiny-vit"  # as from_pretrained("org/tiny-vit") sets them
+    return base
+
+
+def saved_adapter(folder, **kwargs):
+    model = add_registers(classifier(), 4, init="scaled_randn", modules_to_save=["classifier"], **kwargs)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_a_reloaded_adapter_pushes_with_the_register_card_in_one_commit(fake_hub, tmp_path):
+    saved_adapter(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(classifier(), tmp_path / "adapter")
+    assert type(reloaded) is PeftModel  # peft's own class: the behaviour below is not tied to add_registers
+    reloaded.card_metadata = {"metrics": {"eval_accuracy": 0.5}}
+    reloaded.push_to_hub("org/again", max_shard_size="1GB", use_temp_dir=True)
+
+    assert fake_hub.commits == [("org/again", ADAPTER_FILES)]
+    card = (fake_hub.snapshot("org/again") / "README.md").read_text()
+    assert card.startswith("---\nbase_model: org/tiny-vit\n")
+    assert "# tiny-vit with 4 register tokens" in card and "| eval_accuracy | 0.5 |" in card
+    assert 'PeftModel.from_pretrained(base, "org/again")' in card
+
+
+def test_get_peft_model_writes_the_register_card(tmp_path):
+    model = get_peft_model(classifier(), RegisterConfig(num_register_tokens=2))
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "# tiny-vit with 2 register tokens" in card and "[More Information Needed]" not in card
+
+
+def test_other_peft_methods_keep_peft_behaviour(tmp_path):
+    model = get_peft_model(classifier(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path, safe_serialization=False)  # allowed: not a register adapter
+    assert "adapter_model.bin" in os.listdir(tmp_path)
+    assert "register tokens" not in (tmp_path / "README.md").read_text()
+
+
+def test_pickled_saves_and_pushes_are_refused(fake_hub, tmp_path):
+    model = saved_adapter(tmp_path / "adapter")
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(SAFETENSORS_ONLY)}$"):
+        model.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(SAFETENSORS_ONLY)}$"):
+        model.push_to_hub("org/pickled", safe_serialization=False)
+    assert sorted(os.listdir(tmp_path / "adapter")) == ADAPTER_FILES
+    assert fake_hub.commits == []
+
+
+def test_an_adapter_with_only_pickled_weights_is_refused_without_unpickling(tmp_path):
+    saved_adapter(tmp_path)
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
+    message = (
+        f"{tmp_path / 'adapter_model.safetensors'} is missing: the adapter folder holds only "
+        "['README.md', 'adapter_config.json', 'adapter_model.bin']. adapter_model.bin is a pickle, which "
+        "register_adapter does not load (unpickling can run code). Save the adapter again with "
+        "model.save_pretrained(folder), which writes safetensors."
+    )
+    with pytest.raises(AdapterFilesError, match=f"^{re.escape(message)}$"):
+        PeftModel.from_pretrained(classifier(), tmp_path)
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path):
+    saved_adapter(tmp_path / "four")
+    add_registers(classifier(), 8, modules_to_save=["classifier"]).save_pretrained(tmp_path / "eight")
+    os.replace(tmp_path / "eight" / "adapter_model.safetensors", tmp_path / "four" / "adapter_model.safetensors")
+    weights = tmp_path / "four" / "adapter_model.safetensors"
+    message = (
+        f"{weights} holds registers of shape [1, 8, 32] (base_model.model.vit.embeddings.register_tokens), but its "
+        "adapter_config.json says 4 registers of width 32: the two files come from different saves. "
+        "Save the adapter again."
+    )
+    with pytest.raises(AdapterFilesError, match=f"^{re.escape(message)}$"):
+        PeftModel.from_pretrained(classifier(), tmp_path / "four")
+
+
+def test_a_save_clears_what_a_killed_save_left_behind(tmp_path):
+    model = saved_adapter(tmp_path)
+    leftover = tmp_path / ".saving-killed"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ADAPTER_FILES
+
+
+def test_one_config_object_serves_two_models_of_different_families():
+    config = RegisterConfig(num_register_tokens=3)
+    vit = get_peft_model(build_tiny_model("tiny-vit"), config)
+    dinov2 = get_peft_model(build_tiny_model("tiny-dinov2"), config)
+    assert (config.family, config.hidden_size) == (None, None)  # the user's object is left as it was
+    assert vit.peft_config["default"].family == "vit"
+    assert dinov2.peft_config["default"].family == "dinov2"
+
+
+def test_an_adapter_records_and_checks_the_native_registers_it_follows(tmp_path):
+    native = build_tiny_model("tiny-dinov2-with-registers")  # 2 native registers
+    converted = from_dinov2_with_registers(native)  # base: the same architecture with 0 native registers
+    converted.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["native_register_tokens"] == 0
+
+    message = (
+        "This adapter was made for native_register_tokens=0, but the model has native_register_tokens=2 "
+        "(Dinov2WithRegistersModel). Load it into a model of the same family and size."
+    )
+    with pytest.raises(AdapterMismatchError, match=f"^{re.escape(message)}$"):
+        PeftModel.from_pretrained(build_tiny_model("tiny-dinov2-with-registers"), tmp_path)
+
+    empty = build_tiny_model("tiny-dinov2-with-registers", num_register_tokens=0)
+    empty.load_state_dict(converted.get_base_model().state_dict(), strict=False)
+    reloaded = PeftModel.from_pretrained(empty, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=X).pooler_output, native(pixel_values=X).pooler_output)
+
+
+def test_lora_targets_that_match_no_linear_layer_are_refused():
+    message = (
+        "lora_target_modules entry 'query' matches no layer in the blocks of CLIPVisionModel: LoRA inside a register "
+        "adapter wraps linear layers. Its blocks have these: ['fc1', 'fc2', 'k_proj', 'out_proj', 'q_proj', 'v_proj']."
+    )
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        add_registers(
+            build_tiny_model("tiny-clip", "classification"), lora_r=4, lora_target_modules=["query", "value"]
+        )
+
+
+def test_registers_are_kept_in_float32_on_a_bfloat16_model_as_peft_does(tmp_path):
+    model = add_registers(build_tiny_model("tiny-vit").to(torch.bfloat16), 4)
+    registers = model.base_model.model.embeddings.register_tokens["default"]
+    assert registers.dtype == torch.float32  # small updates are not rounded away in training
+    with torch.no_grad():
+        out = model(pixel_values=X.to(torch.bfloat16))
+    assert out.last_hidden_state.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "adapter_model.safetensors")["base_model.model.embeddings.register_tokens"].dtype == (
+        torch.float32
+    )
+
+    as_is = get_peft_model(
+        build_tiny_model("tiny-vit").to(torch.bfloat16), RegisterConfig(), autocast_adapter_dtype=False
+    )
+    assert as_is.base_model.model.embeddings.register_tokens["default"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "magic"}, "method must be one of trained, distilled, test-time, got 'magic'."),
+        ({"strip_registers": "no"}, "strip_registers must be True or False, got 'no'."),
+        ({"lora_r": -1}, "lora_r must be an int >= 0, got -1. 0 disables LoRA."),
+    ],
+)
+def test_config_fields_are_checked(kwargs, message):
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        RegisterConfig(**kwargs)
+
+
+def test_numpy_integers_are_whole_numbers():
+    config = RegisterConfig(num_register_tokens=np.int64(4), lora_r=np.int32(2))
+    assert (type(config.num_register_tokens), type(config.lora_r)) == (int, int)
+    assert json.loads(json.dumps(config.to_dict()))["num_register_tokens"] == 4
