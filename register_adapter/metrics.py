@@ -32,6 +32,15 @@ def top_k_predictions(
     return logits.topk(min(k, logits.shape[-1]), dim=-1).indices
 
 
+def metric_names(num_labels: int) -> list[str]:
+    """The names of the metrics that evaluation reports for ``num_labels`` classes (the ``Trainer`` adds ``eval_``).
+
+    >>> metric_names(3)
+    ['loss', 'accuracy']
+    """
+    return ["loss", "accuracy"] + ([f"top{TOP_K}_accuracy"] if num_labels > TOP_K else [])
+
+
 def accuracy(ranked: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     """Fraction of rows whose label is among the first ``k`` ids of ``ranked`` (``(N, >=k)``, best first)."""
     if len(labels) == 0:

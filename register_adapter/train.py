@@ -10,7 +10,8 @@ or ``accelerate launch -m register_adapter.cli train``); every flag of ``transfo
 What trains: the register tokens, the new classification head (saved in the adapter through ``modules_to_save``),
 and, with ``--lora_r N``, LoRA on the attention projections of the vision tower, all in one adapter that
 ``PeftModel.from_pretrained`` restores whole. At the end the best checkpoint (by validation accuracy) is saved to
-``--output_dir`` with a model card that holds the evaluation metrics and the training setup.
+``--output_dir`` with the base model's ``config.json`` (its labels), the image processor's config and a model card
+that holds the evaluation metrics and the training setup.
 
 From Python:
 
@@ -22,6 +23,7 @@ From Python:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -35,7 +37,10 @@ import datasets
 import torch
 import transformers
 from accelerate.utils import broadcast_object_list
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from peft import PeftConfig
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -47,6 +52,7 @@ from transformers import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
 from .architectures import find_vision_tower
 from .config import RegisterConfig
@@ -64,7 +70,7 @@ from .data import (
 )
 from .errors import InvalidConfigError, RegisterAdapterError, UnsupportedModelError
 from .hub import push_to_hub, render_model_card
-from .metrics import ClassificationMetrics, top_k_predictions
+from .metrics import TOP_K, ClassificationMetrics, metric_names, top_k_predictions
 from .model import add_registers
 from .tiny import TINY_MODELS, build_tiny_model, tiny_image_size
 
@@ -72,6 +78,8 @@ logger = logging.getLogger(__name__)
 
 # RegisterConfig fields that are filled in from the model or by this module, not chosen on the command line.
 _AUTOMATIC_REGISTER_FIELDS = ("family", "hidden_size", "target_modules", "modules_to_save", "method")
+# Adapter settings that change the trainable parameters: a checkpoint saved with other values cannot be resumed.
+_RESUME_FIELDS = ("num_register_tokens", "lora_r", "lora_target_modules", "modules_to_save")
 
 
 def _choice(choices: tuple[str, ...], help_text: str) -> Any:
@@ -124,7 +132,11 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
     train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
     validation_split: str | None = field(
-        default="validation", metadata={"help": "Split of --dataset_name to evaluate on, if it exists."}
+        default=None,
+        metadata={
+            "help": "Split of --dataset_name to evaluate on; it must exist. Default: 'validation' if the dataset has "
+            "it, else images held out with --train_val_split."
+        },
     )
     image_column_name: str = field(default="image", metadata={"help": "Column of --dataset_name holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column of --dataset_name holding the labels."})
@@ -143,13 +155,14 @@ class DataArguments:
     )
     on_bad_image: str = _choice(
         BAD_IMAGE_POLICIES,
-        "What to do with images that cannot be read, found before training starts: 'error' stops with a list of "
-        "them, 'skip' leaves them out with a warning.",
+        "What to do with images that cannot be read and rows without a usable label (missing, or not a class "
+        "id), found before training starts: 'error' stops with a list of them, 'skip' leaves them out with a "
+        "warning.",
     )
     image_check: str = _choice(
         IMAGE_CHECKS,
         "How to check images before training: 'decode' every image (finds truncated files), 'header' only "
-        "(faster), or 'none'.",
+        "(faster; truncated files pass and fail when training reads them), or 'none'.",
     )
     augment: bool = field(
         default=True, metadata={"help": "Random resized crop and horizontal flip on training images."}
@@ -192,8 +205,9 @@ class RegisterTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` with defaults for training registers and a head.
 
     Evaluation follows ``--save_strategy`` (every epoch by default, or every ``--save_steps``) and the checkpoint with
-    the best validation accuracy is loaded at the end; the learning rate suits adapter parameters (registers, head,
-    LoRA) rather than full fine-tuning.
+    the best validation accuracy is loaded at the end (by default only when every saved checkpoint is evaluated, which
+    ``TrainingArguments`` requires for it); the learning rate suits adapter parameters (registers, head, LoRA) rather
+    than full fine-tuning.
     """
 
     learning_rate: float = field(
@@ -207,11 +221,16 @@ class RegisterTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Load the checkpoint with the best --metric_for_best_model at the end. Default: yes when "
-            "checkpoints are saved and evaluated."
+            "every saved checkpoint is evaluated (--eval_strategy as --save_strategy, --save_steps a multiple of "
+            "--eval_steps)."
         },
     )
     metric_for_best_model: str | None = field(
-        default="accuracy", metadata={"help": "Metric that picks the best checkpoint (accuracy or top5_accuracy)."}
+        default="accuracy",
+        metadata={
+            "help": "Metric that picks the best checkpoint: loss, accuracy, or top5_accuracy (more than 5 classes); "
+            "with or without the eval_ prefix."
+        },
     )
     remove_unused_columns: bool = field(
         default=False,
@@ -226,13 +245,42 @@ class RegisterTrainingArguments(TrainingArguments):
                 self.eval_steps = self.save_steps
         evaluate = str(getattr(self.eval_strategy, "value", self.eval_strategy))
         if self.load_best_model_at_end is None:
-            self.load_best_model_at_end = save != "no" and evaluate != "no"
+            eval_steps = self.eval_steps or self.logging_steps  # as TrainingArguments fills in eval_steps
+            self.load_best_model_at_end = _best_model_loadable(save, evaluate, self.save_steps, eval_steps)
+            if not self.load_best_model_at_end and save != "no" and evaluate != "no":
+                logger.warning(
+                    "Not loading the best checkpoint at the end: --load_best_model_at_end needs every saved checkpoint "
+                    "evaluated, which --save_strategy %s with --eval_strategy %s does not do. Use the same strategy "
+                    "for both (with steps, --save_steps a multiple of --eval_steps) to turn it on.",
+                    save,
+                    evaluate,
+                )
         super().__post_init__()
+
+
+def _best_model_loadable(save: str, evaluate: str, save_steps: float, eval_steps: float) -> bool:
+    """Whether ``TrainingArguments`` accepts ``load_best_model_at_end`` with these strategies: every saved checkpoint
+    must have been evaluated (same strategy, ``save_steps`` a multiple of ``eval_steps``), or ``save_strategy="best"``.
+    """
+    if save == "best":
+        return evaluate != "no"
+    if save == "no" or evaluate != save:
+        return False
+    if save != "steps":
+        return True
+    if (save_steps < 1) != (eval_steps < 1):  # a ratio of the run and a step count
+        return False
+    multiple = save_steps / eval_steps
+    return math.isclose(multiple, round(multiple))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any, RegisterTrainingArguments]:
     """Parse command-line arguments (or one ``.json``/``.yaml`` file holding them) into the four dataclasses."""
     parser = HfArgumentParser((ModelArguments, DataArguments, RegisterArguments, RegisterTrainingArguments))
+    # HfArgumentParser lets a bare --flag mean True only for booleans whose default is not None; ours is None
+    # ("decide from the strategies"), and users write a bare --load_best_model_at_end as with TrainingArguments.
+    bare_flag = parser._option_string_actions["--load_best_model_at_end"]
+    bare_flag.nargs, bare_flag.const = "?", True
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
@@ -336,6 +384,112 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
     return value
 
 
+def check_resume_config(checkpoint: str, config: RegisterConfig) -> None:
+    """Refuse to resume from a checkpoint whose adapter has other trainable parameters than ``config`` gives.
+
+    Its optimizer state would not fit them (``Trainer`` stops with a bare ``ValueError`` from the optimizer), nor would
+    its registers, LoRA weights or head. ``lora_target_modules`` counts only where LoRA is on.
+
+    Raises:
+        InvalidConfigError: ``num_register_tokens``, ``lora_r``, ``lora_target_modules`` or ``modules_to_save`` of
+            the checkpoint's ``adapter_config.json`` differ from ``config``.
+    """
+    path = Path(checkpoint, ADAPTER_CONFIG_NAME)
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    with_lora = bool(saved.get("lora_r") or config.lora_r)
+    differences = [
+        f"{name} {_comparable(saved.get(name))!r} in the checkpoint, {_comparable(getattr(config, name))!r} now"
+        for name in _RESUME_FIELDS
+        if (name != "lora_target_modules" or with_lora)
+        and _comparable(saved.get(name)) != _comparable(getattr(config, name))
+    ]
+    if differences:
+        raise InvalidConfigError(
+            f"--resume_from_checkpoint {checkpoint!r} holds an adapter with other settings: {'; '.join(differences)}. "
+            "Resume with the checkpoint's settings, or leave out --resume_from_checkpoint to start a new run."
+        )
+
+
+def _comparable(value: Any) -> Any:
+    """Module lists compare as sorted lists (PEFT may hold them as sets)."""
+    return sorted(value) if isinstance(value, (list, tuple, set)) else value
+
+
+def check_metric_for_best_model(name: str | None, num_labels: int) -> None:
+    """Refuse a ``--metric_for_best_model`` that evaluation will not report; the ``Trainer`` would stop with a
+    ``KeyError`` after the first evaluation. Names are accepted with or without ``eval_``, as the ``Trainer`` does.
+
+    Raises:
+        InvalidConfigError: the name is not one of :func:`~register_adapter.metrics.metric_names`.
+    """
+    valid = metric_names(num_labels)
+    if name is None or name.removeprefix("eval_") in valid:
+        return
+    top_k = f"top{TOP_K}_accuracy"
+    note = (
+        f"; {top_k} needs more than {TOP_K} classes, the training data has {num_labels}" if top_k not in valid else ""
+    )
+    raise InvalidConfigError(
+        f"--metric_for_best_model {name!r} is not a metric that evaluation reports. Valid names: {', '.join(valid)} "
+        f"(with or without the eval_ prefix){note}."
+    )
+
+
+def create_hub_repo(training_args: TrainingArguments) -> str:
+    """Create (or find) the Hub repository that ``--push_to_hub`` uploads to, so a push that cannot work stops the run
+    before training rather than after it. Returns the repository id.
+
+    Raises:
+        InvalidConfigError: no token, offline mode (``HF_HUB_OFFLINE``), or the Hub refused or could not be reached.
+    """
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).resolve().name
+    cannot = f"--push_to_hub cannot create the Hub repository {repo_id!r}"
+    token = training_args.hub_token or get_token()
+    if token is None:
+        raise InvalidConfigError(
+            f"{cannot}: no Hugging Face token was found. Log in with `hf auth login`, set HF_TOKEN or pass "
+            "--hub_token; or leave out --push_to_hub."
+        )
+    try:
+        return HfApi(token=token).create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
+    except OfflineModeIsEnabled as error:
+        raise InvalidConfigError(
+            f"{cannot}: offline mode is on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE to push, or leave out "
+            "--push_to_hub."
+        ) from error
+    except HfHubHTTPError as error:
+        raise InvalidConfigError(
+            f"{cannot}: the Hub refused ({error}). Check that the token may write to that namespace "
+            "(--hub_model_id, --hub_token), or leave out --push_to_hub."
+        ) from error
+    except Exception as error:  # network failures (httpx, OSError) share no base class
+        raise InvalidConfigError(
+            f"{cannot}: {type(error).__name__}: {error}. Check the network connection, or leave out --push_to_hub."
+        ) from error
+
+
+def _prepare_push(training_args: TrainingArguments) -> str | None:
+    """The repository ``--push_to_hub`` uploads to (``None`` without it), created on the main process only.
+
+    Every process raises the main process's error, rather than waiting for it at the next collective.
+    """
+    if not training_args.push_to_hub:
+        return None
+    repo_id, problem = None, None
+    if training_args.process_index == 0:
+        try:
+            repo_id = create_hub_repo(training_args)
+        except InvalidConfigError as error:
+            problem = str(error)
+    if training_args.world_size > 1:
+        repo_id, problem = broadcast_object_list([repo_id, problem])
+    if problem is not None:
+        raise InvalidConfigError(problem)
+    return repo_id
+
+
 def _check_images(splits: datasets.DatasetDict, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """Open every image once, on the main process, and apply ``--on_bad_image`` on every process.
 
@@ -382,20 +536,26 @@ def train(
 ) -> Trainer:
     """Add registers to a classification model, train them (with the head, optionally LoRA), save the best adapter.
 
-    Every problem with the inputs (a missing folder or column, unreadable images, an unsupported model family) is
-    raised before the first training step; a ``--resume_from_checkpoint`` without a checkpoint before any data loads.
+    Every problem with the inputs (a missing folder or column, a bad label, unreadable images, an unsupported model
+    family, a ``--metric_for_best_model`` that evaluation does not report, a checkpoint saved with other adapter
+    settings) is raised before the first training step; a ``--resume_from_checkpoint`` without a checkpoint and a
+    ``--push_to_hub`` that cannot create its repository before any data loads.
 
     Returns:
         The ``Trainer``; ``trainer.model`` is the ``PeftModel`` holding the best (or last) adapter.
 
     Raises:
         DataError: the data cannot be used (see :mod:`register_adapter.data`).
-        InvalidConfigError: ``--resume_from_checkpoint`` names no checkpoint (see :func:`resolve_checkpoint`).
+        InvalidConfigError: ``--resume_from_checkpoint`` names no checkpoint (see :func:`resolve_checkpoint`) or one
+            with other adapter settings (see :func:`check_resume_config`); ``--metric_for_best_model`` is not reported
+            (see :func:`check_metric_for_best_model`); ``--push_to_hub`` cannot create its repository (see
+            :func:`create_hub_repo`).
         UnsupportedModelError: the model family cannot take registers or has no classification head.
     """
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_choice("on_bad_image", data_args.on_bad_image, BAD_IMAGE_POLICIES)
     check_choice("image_check", data_args.image_check, IMAGE_CHECKS)
+    hub_repo_id = _prepare_push(training_args)
     transformers.set_seed(training_args.seed)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading the dataset"):
@@ -411,12 +571,17 @@ def train(
             train_val_split=data_args.train_val_split,
             seed=seed,
             cache_dir=model_args.cache_dir,
+            on_bad_label=data_args.on_bad_image,
         )
     labels = splits["train"].features[LABEL_COLUMN].names
+    if "validation" in splits:
+        check_metric_for_best_model(training_args.metric_for_best_model, len(labels))
 
     model, image_processor = load_model(model_args, labels)
     register_kwargs = {f.name: getattr(register_args, f.name) for f in dataclasses.fields(register_args)}
     model = add_registers(model, modules_to_save=head_modules(model), **register_kwargs)
+    if resume is not None:
+        check_resume_config(resume, model.peft_config["default"])
     if training_args.should_log:
         model.print_trainable_parameters()
 
@@ -467,19 +632,21 @@ def train(
         summary = _training_summary(model_args, register_args, args, splits, trainer.accelerator.num_processes)
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         card = render_model_card(
-            peft_model, repo_id=training_args.hub_model_id, metrics=card_metrics, training=summary
+            peft_model, repo_id=hub_repo_id or training_args.hub_model_id, metrics=card_metrics, training=summary
         )
         card.save(os.path.join(args.output_dir, "README.md"))
+        # The base model's config holds the labels (id2label); the Trainer saved the processor's config.
+        peft_model.get_base_model().config.save_pretrained(args.output_dir)
         if push:
-            repo_id = training_args.hub_model_id or Path(args.output_dir).resolve().name
             url = push_to_hub(
                 peft_model,
-                repo_id,
+                hub_repo_id,
                 private=training_args.hub_private_repo,
                 token=training_args.hub_token,
                 revision=training_args.hub_revision,
                 metrics=card_metrics,
                 training=summary,
+                extra_files=[os.path.join(args.output_dir, name) for name in (CONFIG_NAME, IMAGE_PROCESSOR_NAME)],
             )
             logger.info("Pushed the adapter to %s", url)
     return trainer

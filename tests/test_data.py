@@ -17,14 +17,17 @@ from register_adapter.data import (
     ImageClassificationTransform,
     apply_transforms,
     check_images,
+    check_labels,
     drop_unreadable_images,
     find_unreadable_images,
+    image_extensions,
     load_image_dataset,
     load_image_folder,
     random_resized_crop_box,
     take_samples,
 )
 from register_adapter.errors import DataError
+from register_adapter.images import rgb_image
 from register_adapter.metrics import ClassificationMetrics, top_k_predictions
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
@@ -56,11 +59,42 @@ def processor(size: int = 30) -> ViTImageProcessorPil:
 def test_image_folder_labels_are_sorted_class_folders_and_other_files_are_ignored(tmp_path):
     root = make_image_folder(tmp_path / "train", classes=("red", "blue"), per_class=2)
     (root / "red" / "notes.txt").write_text("not an image")
+    # PIL registers these extensions but reads no pixels from them: save-only (.pdf, .palm) or stubs (.h5).
+    for name in ("notes.pdf", "weights.h5", "icon.palm", "scan.eps"):
+        (root / "blue" / name).write_bytes(b"not a raster image")
     (root / ".cache").mkdir()
     dataset = load_image_folder(root)
     assert dataset.features["label"].names == ["blue", "red"]
     assert [Path(dataset[i]["image"].filename).parent.name for i in range(4)] == ["blue", "blue", "red", "red"]
     assert dataset["label"] == [0, 0, 1, 1]
+
+
+def test_image_extensions_are_the_raster_formats_pil_opens():
+    extensions = image_extensions()
+    assert {".png", ".jpg", ".jpeg", ".webp", ".tif", ".bmp", ".gif"} <= extensions
+    assert not extensions & {".pdf", ".h5", ".hdf", ".palm", ".eps", ".ps", ".bufr", ".grib", ".wmf", ".mpg"}
+
+
+def test_class_folders_without_images_are_not_classes(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "train", classes=("blue", "red"), per_class=2)
+    (root / "zebra").mkdir()
+    (root / "zebra" / "readme.txt").write_text("photos to come")
+    with caplog.at_level(logging.WARNING, logger="register_adapter.data"):
+        dataset = load_image_folder(root)
+    assert dataset.features["label"].names == ["blue", "red"]
+    assert dataset["label"] == [0, 0, 1, 1]
+    assert f"Ignoring class folders without images in {str(root)!r}: zebra" in caplog.text
+
+
+def test_one_class_with_images_next_to_an_empty_folder_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "train", classes=("blue",), per_class=4)
+    (root / "zebra").mkdir()
+    with pytest.raises(
+        DataError,
+        match=r"^Classification needs at least two classes with images; the training data has 1 \(blue\). "
+        r"Add images of another class.$",
+    ):
+        load_image_dataset(train_dir=str(root))
 
 
 def test_missing_folder_is_reported(tmp_path):
@@ -208,9 +242,115 @@ def test_missing_split_is_reported(tmp_path):
     path = _saved_dataset(tmp_path)
     with pytest.raises(
         DataError,
-        match=rf"^The dataset {re.escape(repr(path))} has no split 'training'. Available splits: train, test.$",
+        match=rf"^The dataset {re.escape(repr(path))} has no split 'training' \(--train_split\). "
+        r"Available splits: train, test.$",
     ):
         load_image_dataset(dataset_name=path, train_split="training", image_column="img", label_column="fine_label")
+
+
+def test_mistyped_validation_split_is_reported_not_replaced_by_a_hold_out(tmp_path):
+    path = _saved_dataset(tmp_path)
+    with pytest.raises(
+        DataError,
+        match=rf"^The dataset {re.escape(repr(path))} has no split 'tset' \(--validation_split\). "
+        r"Available splits: train, test.$",
+    ):
+        load_image_dataset(dataset_name=path, validation_split="tset", image_column="img", label_column="fine_label")
+
+
+def test_validation_split_defaults_to_the_datasets_validation_split_if_it_has_one(tmp_path):
+    images = [make_image(COLOURS[c], i, size=(8, 8)) for i, c in enumerate(["red", "blue"] * 4)]
+    rows = datasets.Dataset.from_dict({"image": images, "label": ["red", "blue"] * 4})
+    with_validation = str(tmp_path / "with")
+    datasets.DatasetDict({"train": rows, "validation": rows.select(range(2))}).save_to_disk(with_validation)
+    without = str(tmp_path / "without")
+    datasets.DatasetDict({"train": rows, "test": rows.select(range(2))}).save_to_disk(without)
+    assert {name: len(split) for name, split in load_image_dataset(dataset_name=with_validation).items()} == {
+        "train": 8,
+        "validation": 2,
+    }
+    held_out = load_image_dataset(dataset_name=without, train_val_split=0.25)  # "test" is not taken implicitly
+    assert {name: len(split) for name, split in held_out.items()} == {"train": 6, "validation": 2}
+
+
+def test_validation_split_with_image_folders_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "train", per_class=2)
+    with pytest.raises(
+        DataError, match="^--validation_split goes with --dataset_name; with --train_dir use --validation_dir.$"
+    ):
+        load_image_dataset(train_dir=str(root), validation_split="validation")
+
+
+def save_labelled_dataset(tmp_path: Path, labels: dict[str, list], feature: datasets.features.FeatureType) -> str:
+    """A saved dataset whose splits hold tiny images with the given ``labels`` (a ``label`` column of ``feature``)."""
+    splits = {}
+    for name, values in labels.items():
+        images = [make_image(COLOURS["red"], i, size=(4, 4)) for i in range(len(values))]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+        rows = datasets.Dataset.from_dict({"image": images, "label": values}, features=features)
+        splits[name] = rows.cast_column("label", feature)  # a cast does not check the labels, as old files may not
+    path = str(tmp_path / "saved")
+    datasets.DatasetDict(splits).save_to_disk(path)
+    return path
+
+
+def test_integer_labels_keep_their_ids_and_get_names_in_numeric_order(tmp_path):
+    # class_encode_column would sort 0..10 as strings ("0", "1", "10", "2", ...) and move every id from 2 on.
+    train = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 2]
+    path = save_labelled_dataset(tmp_path, {"train": train, "validation": [10, 3]}, datasets.Value("int64"))
+    splits = load_image_dataset(dataset_name=path)
+    assert splits["train"].features["label"].names == [str(i) for i in range(11)]
+    assert splits["train"]["label"] == train
+    assert splits["validation"].features["label"].names == [str(i) for i in range(11)]
+    assert splits["validation"]["label"] == [10, 3]
+
+
+BAD_LABELS = [0, 1] * 15 + [-1] + [1, 0] * 4  # row 30 holds -1, the datasets convention for "no label"
+
+
+def test_label_outside_the_classes_stops_before_training(tmp_path):
+    path = save_labelled_dataset(tmp_path, {"train": BAD_LABELS}, datasets.ClassLabel(names=["cat", "dog"]))
+    with pytest.raises(
+        DataError,
+        match=r"^1 of 39 train rows have no label or a label outside 0..1 \(2 classes\): rows 30. "
+        r"Fix or remove those rows, or pass --on_bad_image skip to leave them out.$",
+    ):
+        load_image_dataset(dataset_name=path)
+
+
+def test_missing_labels_are_listed_by_row_in_the_split_they_are_in(tmp_path):
+    validation = [None, 1, 7, None] + [0] * 10 + [None] * 10
+    path = save_labelled_dataset(tmp_path, {"train": [0, 1, 0, 1], "validation": validation}, datasets.Value("int64"))
+    with pytest.raises(
+        DataError,
+        match=r"^13 of 24 validation rows have no label or a label outside 0..1 \(2 classes\): rows 0, 2, 3, 14, "
+        r"15, 16, 17, 18, 19, 20 and 3 more. Fix or remove those rows, or pass --on_bad_image skip to leave them out.$",
+    ):
+        load_image_dataset(dataset_name=path)
+
+
+def test_bad_labels_are_skipped_with_a_warning(tmp_path, caplog):
+    path = save_labelled_dataset(
+        tmp_path, {"train": BAD_LABELS[:30] + [None, -1, 5]}, datasets.ClassLabel(num_classes=2)
+    )
+    with caplog.at_level(logging.WARNING, logger="register_adapter.data"):
+        splits = load_image_dataset(dataset_name=path, on_bad_label="skip", train_val_split=0)
+    assert splits["train"]["label"] == BAD_LABELS[:30]
+    assert "Skipping them: 3 of 33 train rows have no label or a label outside 0..1 (2 classes): rows 30, 31, 32." in (
+        caplog.text
+    )
+
+
+def test_no_usable_label_is_an_error_even_when_skipping():
+    rows = datasets.Dataset.from_dict(
+        {"label": [-1, None]}, features=datasets.Features({"label": datasets.ClassLabel(num_classes=3)})
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^2 of 2 train rows have no label or a label outside 0..2 \(3 classes\): rows 0, 1. "
+        r"No row of this split has a usable label.$",
+    ):
+        check_labels(rows, on_bad_label="skip")
 
 
 def test_exactly_one_source_is_required(tmp_path):
@@ -331,6 +471,33 @@ def test_evaluation_transform_is_the_image_processor_alone():
     expected = clip(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
     assert torch.equal(pixels, expected)
     assert pixels.shape == (2, 3, 30, 30)
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    gradient = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
+    (tmp_path / "grey").mkdir()
+    PIL.Image.fromarray(gradient).save(tmp_path / "grey" / "gradient.png")
+    expected = np.round(gradient / 257).astype(np.uint8)  # 65535 -> 255: the 16-bit range onto the 8-bit one
+    dataset = load_image_folder(tmp_path)
+    assert dataset[0]["image"].mode == "I;16"
+    assert np.array_equal(np.asarray(rgb_image(dataset[0]["image"])), np.stack([expected] * 3, axis=-1))
+
+    dataset.set_transform(ImageClassificationTransform(processor(), train=False))
+    plain = processor()(images=[PIL.Image.fromarray(expected).convert("RGB")], return_tensors="pt")["pixel_values"]
+    assert torch.equal(dataset[0]["pixel_values"], plain[0])
+
+
+def test_32_bit_and_float_images_are_scaled_to_8_bits():
+    sixteen_bit_values = PIL.Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.int32))
+    assert sixteen_bit_values.mode == "I"
+    assert np.asarray(rgb_image(sixteen_bit_values))[0, :, 0].tolist() == [0, 100, 255]
+    wide = PIL.Image.fromarray(np.array([[-1000, 0, 1000]], dtype=np.int32))  # beyond 16 bits: its own range
+    assert np.asarray(rgb_image(wide))[0, :, 0].tolist() == [0, 128, 255]
+    unit = PIL.Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert unit.mode == "F"
+    assert np.asarray(rgb_image(unit))[0, :, 0].tolist() == [0, 128, 255]
+    flat = PIL.Image.fromarray(np.full((2, 2), 7.5, dtype=np.float32))
+    assert np.asarray(rgb_image(flat)).max() == 0
 
 
 def test_apply_transforms_augments_only_the_training_split(tmp_path):

@@ -4,22 +4,25 @@ push to the Hub, and the GPU paths (bf16, fp16, torch.compile)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
+import huggingface_hub
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_data import make_image_folder
+from test_data import BAD_LABELS, make_image_folder, save_labelled_dataset
 
 from register_adapter import RegisterLayer
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
 from register_adapter.tiny import build_tiny_model
-from register_adapter.train import main, parse_args, train
+from register_adapter.train import check_metric_for_best_model, main, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -40,6 +43,13 @@ def cli_args(train_dir: Path, output_dir: Path, *extra: str, model: str = "tiny-
         "--seed", "0",
         *extra,
     ]  # fmt: skip
+
+
+def dataset_cli_args(dataset: str, output_dir: Path, *extra: str) -> list[str]:
+    """:func:`cli_args` with ``--dataset_name dataset`` instead of ``--train_dir``."""
+    args = cli_args(Path(dataset), output_dir, *extra)
+    args[args.index("--train_dir")] = "--dataset_name"
+    return args
 
 
 def run(*args: str, **kwargs) -> PeftModel:
@@ -114,6 +124,11 @@ def test_training_changes_registers_and_head_only_and_keeps_the_best_adapter(ima
     card = (out / "README.md").read_text()
     assert f"| eval_accuracy | {results['eval_accuracy']:.4g} |" in card
     assert "| base model | tiny-vit |" in card and "| training images | 12 |" in card
+
+    # Next to the adapter: the base model's config with the label names, and the image processor's config.
+    config = json.loads((out / "config.json").read_text())
+    assert (config["id2label"], config["label2id"]) == ({"0": "blue", "1": "red"}, {"blue": 0, "red": 1})
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 30, "width": 30}
 
 
 def test_lora_registers_and_head_are_one_adapter_that_from_pretrained_restores_whole(images, tmp_path):
@@ -222,6 +237,20 @@ def test_missing_label_column_is_refused_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_label_stops_the_cli_before_training_or_is_skipped(tmp_path, caplog):
+    path = save_labelled_dataset(tmp_path, {"train": BAD_LABELS}, datasets.ClassLabel(names=["cat", "dog"]))
+    out = tmp_path / "out"
+    assert main(dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0")) == 2
+    assert (
+        "1 of 39 train rows have no label or a label outside 0..1 (2 classes): rows 30. Fix or remove those rows, or "
+        "pass --on_bad_image skip to leave them out." in caplog.text
+    )
+    assert not out.exists()
+
+    args = dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0", "--on_bad_image", "skip")
+    assert len(train(*parse_args(args)).train_dataset) == 38
+
+
 def load_folder_as_saved_dataset(tmp_path: Path) -> str:
     from register_adapter.data import load_image_folder
 
@@ -290,13 +319,15 @@ def test_push_to_hub_uploads_the_best_adapter_with_our_card_in_one_commit(images
 
     monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)  # a server call
     out = tmp_path / "out"
-    args = ["--num_train_epochs", "2", "--train_val_split", "0.25", "--push_to_hub", "--hub_model_id", "org/regs"]
+    args = ["--num_train_epochs", "2", "--train_val_split", "0.25", "--push_to_hub", "--hub_model_id", "org/regs",
+            "--hub_token", "hf_test"]  # fmt: skip
     model = run(images, out, *args)
     assert len(fake_hub.commits) == 1
     repo, files = fake_hub.commits[0]
     assert repo == "org/regs"
-    assert set(files) == ADAPTER_FILES | {"README.md"}
+    assert set(files) == ADAPTER_FILES | {"README.md", "config.json", "preprocessor_config.json"}
     snapshot = fake_hub.snapshot("org/regs")
+    assert json.loads((snapshot / "config.json").read_text())["id2label"] == {"0": "blue", "1": "red"}
     card = (snapshot / "README.md").read_text()
     assert "register_adapter" in card and "| eval_accuracy |" in card and "org/regs" in card
     restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), snapshot)
@@ -350,3 +381,109 @@ def test_cli_help_lists_training_register_and_data_flags(capsys):
     for flag in ("--model", "--train_dir", "--num_register_tokens", "--on_bad_image", "--bf16", "--push_to_hub",
                  "--resume_from_checkpoint", "--per_device_train_batch_size"):  # fmt: skip
         assert re.search(rf"^\s+{flag}\b", text, re.MULTILINE), flag
+
+
+PUSH_CASES = {
+    "offline": (
+        ["--hub_token", "hf_test"],
+        "--push_to_hub cannot create the Hub repository 'org/regs': offline mode is on (HF_HUB_OFFLINE=1). Unset "
+        "HF_HUB_OFFLINE to push, or leave out --push_to_hub.",
+    ),
+    "no token": (
+        [],
+        "--push_to_hub cannot create the Hub repository 'org/regs': no Hugging Face token was found. Log in with "
+        "`hf auth login`, set HF_TOKEN or pass --hub_token; or leave out --push_to_hub.",
+    ),
+}
+
+
+@pytest.mark.parametrize(("extra", "message"), PUSH_CASES.values(), ids=PUSH_CASES)
+def test_push_to_hub_that_cannot_work_stops_before_training(images, tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("register_adapter.train.get_token", lambda: None)
+    out = tmp_path / "out"
+    args = cli_args(images, out, "--max_steps", "2", "--push_to_hub", "--hub_model_id", "org/regs", *extra)
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        train(*parse_args(args))
+    assert not out.exists()  # no data loaded, no step trained, no checkpoint written
+
+
+METRIC_CASES = {
+    "top-5 with two classes": "top5_accuracy",
+    "typo": "eval_acuracy",
+}
+
+
+@pytest.mark.parametrize("name", METRIC_CASES.values(), ids=METRIC_CASES)
+def test_metric_for_best_model_that_evaluation_does_not_report_is_refused_before_training(images, tmp_path, name):
+    out = tmp_path / "out"
+    message = (
+        f"--metric_for_best_model {name!r} is not a metric that evaluation reports. Valid names: loss, accuracy "
+        "(with or without the eval_ prefix); top5_accuracy needs more than 5 classes, the training data has 2."
+    )
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        run(images, out, "--max_steps", "2", "--train_val_split", "0.25", "--metric_for_best_model", name)
+    assert not out.exists()
+
+
+def test_metric_for_best_model_is_accepted_with_or_without_the_eval_prefix():
+    for name in ("loss", "eval_loss", "accuracy", "eval_accuracy", "top5_accuracy", "eval_top5_accuracy"):
+        check_metric_for_best_model(name, 6)
+    with pytest.raises(InvalidConfigError, match="^--metric_for_best_model 'eval_f1' .* Valid names: loss, accuracy, "
+                       r"top5_accuracy \(with or without the eval_ prefix\).$"):  # fmt: skip
+        check_metric_for_best_model("eval_f1", 6)
+
+
+def training_args(tmp_path: Path, *extra: str):
+    return parse_args(cli_args(tmp_path, tmp_path / "out", *extra))[-1]
+
+
+def test_bare_load_best_model_at_end_flag_means_true(tmp_path):
+    assert training_args(tmp_path, "--load_best_model_at_end", "--save_strategy", "epoch").load_best_model_at_end
+    assert not training_args(tmp_path, "--load_best_model_at_end", "False").load_best_model_at_end
+
+
+BEST_MODEL_DEFAULTS = [
+    ([], True),
+    (["--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "epoch"], False),
+    (["--save_strategy", "steps", "--save_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2"], True),
+    (["--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "2"], False),
+    (["--save_strategy", "epoch", "--eval_strategy", "no"], False),
+    (["--save_strategy", "no"], False),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), BEST_MODEL_DEFAULTS)
+def test_best_model_loading_defaults_on_only_where_every_saved_checkpoint_is_evaluated(tmp_path, extra, expected):
+    assert training_args(tmp_path, *extra).load_best_model_at_end is expected
+
+
+def test_best_model_loading_left_off_for_incompatible_strategies_says_why(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="register_adapter.train"):
+        training_args(tmp_path, "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "epoch")
+    assert (
+        "Not loading the best checkpoint at the end: --load_best_model_at_end needs every saved checkpoint evaluated, "
+        "which --save_strategy steps with --eval_strategy epoch does not do. Use the same strategy for both (with "
+        "steps, --save_steps a multiple of --eval_steps) to turn it on." in caplog.text
+    )
+
+
+def test_eval_strategy_and_steps_follow_save_strategy_and_steps(tmp_path):
+    args = training_args(tmp_path, "--save_strategy", "steps", "--save_steps", "7")
+    assert (args.eval_strategy.value, args.eval_steps, args.load_best_model_at_end) == ("steps", 7, True)
+
+
+def test_resume_with_other_adapter_settings_is_refused_before_training(images, tmp_path):
+    out = tmp_path / "out"
+    schedule = ["--train_val_split", "0", "--save_strategy", "steps", "--save_steps", "2"]
+    run(images, out, "--max_steps", "2", *schedule)
+    checkpoint = out / "checkpoint-2"
+    message = (
+        f"--resume_from_checkpoint {str(checkpoint)!r} holds an adapter with other settings: num_register_tokens 4 "
+        "in the checkpoint, 2 now; lora_r 0 in the checkpoint, 4 now. Resume with the checkpoint's settings, or leave "
+        "out --resume_from_checkpoint to start a new run."
+    )
+    other = ["--num_register_tokens", "2", "--lora_r", "4", "--resume_from_checkpoint", str(checkpoint)]
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        run(images, out, "--max_steps", "4", *schedule, *other)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
