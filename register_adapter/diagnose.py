@@ -9,7 +9,9 @@ artifacts (:func:`register_adapter.testing.make_artifact_model`, 224 px images, 
 offline. Writes ``report.json`` (``{"model", "adapter", "base", "with_adapter"}``, each report as
 :meth:`~register_adapter.diagnostics.ArtifactReport.to_dict` gives it), ``norm_histograms.png``, ``norm_scale.png``,
 one panel per image under ``panels/`` (at most ``--max-panels``) and, with ``--adapter``, the same for the adapted
-model plus ``before_after.png``. Bad input ends the run with exit status 2 and one ``error:`` line on stderr.
+model plus ``before_after.png``. Bad input ends the run with exit status 2 and one ``error:`` line on stderr, before
+any model is loaded where it can be known then (options, unreadable images, an ``--out`` that cannot be created) and
+before ``--out`` is created otherwise (a model or adapter that cannot be loaded, a ``--layer`` the model lacks).
 Also runs as ``python -m register_adapter.diagnose``.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import find_vision_tower
 from .data import image_extensions
-from .diagnostics import ArtifactReport, find_artifacts
-from .errors import DataError, RegisterAdapterError
-from .images import as_pixel_values, default_processor, load_image
+from .diagnostics import ArtifactReport, check_layer, find_artifacts
+from .errors import AdapterFilesError, DataError, InvalidConfigError, RegisterAdapterError
+from .images import as_pixel_values, check_image, default_processor
+from .thresholds import check_threshold
 from .tiny import TINY_MODELS, build_tiny_model
 from .viz import artifact_panel, before_after, display_image, norm_histograms, norm_scale_figure, patch_views, save_png
 
@@ -42,10 +47,11 @@ BEFORE_AFTER_IMAGES = 4  # image rows of before_after.png
 
 def collect_images(inputs: list[str]) -> list[Path]:
     """Image files named on the command line; folders are searched recursively (sorted, by PIL's extensions). Every
-    file's header is read, so an unreadable file stops the run before any model is loaded.
+    file is read in full (:func:`~register_adapter.images.check_image`), so an unreadable or truncated file stops the
+    run before any model is loaded.
 
     Raises:
-        DataError: a path does not exist, a folder holds no image file, or a file is not an image.
+        DataError: a path does not exist, a folder holds no image file, or a file is not a readable image.
     """
     extensions = image_extensions()
     paths: list[Path] = []
@@ -61,12 +67,45 @@ def collect_images(inputs: list[str]) -> list[Path]:
         else:
             raise DataError(f"Image path '{path}' does not exist.")
     for path in paths:
-        load_image(path, decode=False)
+        check_image(path)
     return paths
 
 
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder or creatable as one; it is created only when the results are written.
+
+    Raises:
+        InvalidConfigError: ``out`` or a folder above it is a file, or the nearest existing folder is not writable.
+    """
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidConfigError(f"Cannot write to --out '{out}': '{existing}' is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidConfigError(
+            f"Cannot write to --out '{out}': no permission to write in '{existing}'. Choose a folder you can write to."
+        )
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an error message, ending with a full stop."""
+    lines = str(error).strip().splitlines()
+    line = lines[0].strip() if lines else type(error).__name__
+    return line if line.endswith((".", "!", "?")) else line + "."
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
 def load_model(name: str, adapter: str | None, device: str) -> tuple[nn.Module, Any]:
-    """The model (a ``PeftModel`` with ``adapter``) and its image processor."""
+    """The model (a ``PeftModel`` with ``adapter``) and its image processor.
+
+    Raises:
+        InvalidConfigError: the model cannot be loaded (no such folder, not on the Hub, not a model).
+        AdapterFilesError: the adapter cannot be loaded.
+    """
     import transformers
 
     if name.startswith(PLANTED_PREFIX):
@@ -78,7 +117,15 @@ def load_model(name: str, adapter: str | None, device: str) -> tuple[nn.Module, 
         model = build_tiny_model(name)
         processor = default_processor(model)
     else:
-        model = transformers.AutoModel.from_pretrained(name)
+        try:
+            if _looks_like_path(name) and not Path(name).expanduser().exists():
+                raise FileNotFoundError("no such folder")
+            model = transformers.AutoModel.from_pretrained(name)
+        except (OSError, ValueError, KeyError) as error:
+            raise InvalidConfigError(
+                f"Cannot load model '{name}': {_reason(error)} Give a folder saved with save_pretrained, a Hub id, a "
+                "built-in tiny model (tiny-vit, ...) or planted:<family>."
+            ) from error
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError):
@@ -89,7 +136,17 @@ def load_model(name: str, adapter: str | None, device: str) -> tuple[nn.Module, 
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        try:
+            if _looks_like_path(adapter) and not Path(adapter).expanduser().exists():
+                raise FileNotFoundError("no such folder")
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            if isinstance(error, RegisterAdapterError):
+                raise
+            raise AdapterFilesError(
+                f"Cannot load adapter '{adapter}': {_reason(error)} Give a folder saved with save_pretrained "
+                "(adapter_config.json and the weights) or a Hub id."
+            ) from error
     return model.to(device).eval(), processor
 
 
@@ -119,9 +176,10 @@ def _write_pictures(
 def run(args: argparse.Namespace) -> list[Path]:
     """Diagnose, write report.json and the pictures; returns the written files."""
     paths = collect_images(args.images)
-    model, processor = load_model(args.model, args.adapter, args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
+    model, processor = load_model(args.model, args.adapter, args.device)
+    check_layer(args.layer, len(find_vision_tower(model).blocks))
     options = {
         "layer": args.layer,
         "threshold": args.threshold,
@@ -138,6 +196,10 @@ def run(args: argparse.Namespace) -> list[Path]:
             reports["base"] = find_artifacts(model, paths, **options)
         reports["with_adapter"] = find_artifacts(model, paths, **options)
     document = {"model": args.model, "adapter": args.adapter, **{k: r.to_dict() for k, r in reports.items()}}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidConfigError(f"Cannot write to --out '{out}': {_reason(error)}") from error
     report_path = out / "report.json"
     report_path.write_text(json.dumps(document, indent=1) + "\n")
     written = [report_path]
@@ -171,17 +233,41 @@ def _summary(name: str, report: ArtifactReport) -> str:
 
 def _threshold(value: str) -> float | str:
     try:
-        return float(value)
+        rule: float | str = float(value)
     except ValueError:
-        return value
+        rule = value
+    try:
+        return check_threshold(rule)
+    except InvalidConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _whole_number(value: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _layer(value: str) -> int:
+    layer = _whole_number(value)
+    if layer is None or layer == 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number other than 0 (1 = first block output, -1 = last); got {value!r}."
+        )
+    return layer
+
+
+def _batch_size(value: str) -> int:
+    size = _whole_number(value)
+    if size is None or size < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more; got {value!r}.")
+    return size
 
 
 def _panel_count(value: str) -> int:
-    try:
-        count = int(value)
-    except ValueError:
-        count = -1
-    if count < 0:
+    count = _whole_number(value)
+    if count is None or count < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more; got {value!r}.")
     return count
 
@@ -202,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder for report.json and the PNG files")
     parser.add_argument(
         "--layer",
-        type=int,
+        type=_layer,
         default=None,
         help="layer of the per-image maps (1 = first block output, -1 = last; default: last)",
     )
@@ -212,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="'auto' (bimodal split, default), a number, or 'mean+<k>std' such as 'mean+3std'",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=_batch_size, default=8, help="images per forward pass (default 8)")
     parser.add_argument(
         "--max-panels", type=_panel_count, default=8, help="draw a panel for at most this many images (default 8)"
     )

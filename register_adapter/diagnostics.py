@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,8 @@ from tqdm.auto import tqdm
 from .architectures import find_vision_tower
 from .errors import InvalidConfigError, UnsupportedModelError
 from .hooks import capture
-from .images import eval_mode, patch_grid, pixel_batches, run_tower
-from .thresholds import resolve_threshold
+from .images import different_sizes_error, eval_mode, patch_grid, pixel_batches, run_tower
+from .thresholds import check_threshold, resolve_threshold
 from .tokens import TokenLayout, split_tokens, token_layout
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -189,9 +190,14 @@ def block_output_norms(
 
     Forward hooks on the blocks reduce each output to its norms on the fly, on the model's device; the norms of a
     batch are copied to the CPU once, after its forward pass.
+
+    Raises:
+        DataError: the images do not all have one size after preprocessing (their maps would not share a grid).
     """
     blocks = find_vision_tower(model).blocks
     collected: list[torch.Tensor] = []  # (L, b, S) per batch
+    size: tuple[int, int] | None = None
+    seen = 0
     count, pixel_values = pixel_batches(images, model, processor, batch_size)
     with (
         capture(blocks, reduce=_token_norms) as norms,
@@ -199,11 +205,39 @@ def block_output_norms(
         tqdm(total=count, desc="find_artifacts", unit="img", disable=not progress) as bar,
     ):
         for batch in pixel_values:
+            if size is not None and tuple(batch.shape[-2:]) != size:
+                raise different_sizes_error(seen, batch.shape[-2:], 0, size)
+            size, seen = tuple(batch.shape[-2:]), seen + len(batch)
             run_tower(model, batch)
             collected.append(torch.stack([norms[block] for block in blocks]).cpu())  # (L, b, S)
-            size = tuple(batch.shape[-2:])
             bar.update(len(batch))
     return torch.cat(collected, dim=1), size  # (L, B, S)
+
+
+def check_layer(layer: Any, num_layers: int) -> int:
+    """The layer of the per-image maps as an index into ``hidden_states`` in [1, ``num_layers``].
+
+    Args:
+        layer: ``None`` (the last block's output), a whole number in [1, ``num_layers``] or, counting from the end,
+            in [-``num_layers``, -1] (numpy integers and 0-d tensors too).
+        num_layers: Number of transformer blocks.
+
+    Raises:
+        InvalidConfigError: anything else, with the value received.
+    """
+    if layer is None:
+        return num_layers
+    if getattr(layer, "ndim", None) == 0 and hasattr(layer, "item"):  # 0-d numpy array or torch tensor
+        layer = layer.item()
+    if isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
+        layer = int(layer)
+        index = layer + num_layers + 1 if layer < 0 else layer
+        if 1 <= index <= num_layers:
+            return index
+    raise InvalidConfigError(
+        f"layer must be a whole number in [1, {num_layers}], or in [-{num_layers}, -1] counting from the end; "
+        f"got {layer!r}."
+    )
 
 
 def find_artifacts(
@@ -224,13 +258,17 @@ def find_artifacts(
 
     Args:
         model: A supported model (``find_vision_tower`` locates its blocks).
-        images_or_pixel_values: Pixel values (B, 3, H, W), or images (PIL, uint8 arrays, file paths).
+        images_or_pixel_values: Pixel values (B, 3, H, W), or images (PIL, uint8 arrays, file paths). All must have
+            one size after preprocessing (one patch grid); another size than the model's ``image_size`` is fine
+            where the model can interpolate its position embeddings (see :func:`~register_adapter.images.run_tower`).
         layer: The layer of the per-image maps, as an index into ``hidden_states`` (1 = first block's output,
-            negative counts from the end). Default: the last block's output.
+            negative counts from the end; see :func:`check_layer`). Default: the last block's output.
         threshold: ``"auto"`` (default): the valley below a second, high-norm mode of each layer's log-norm histogram
             (:func:`~register_adapter.thresholds.bimodal_threshold`): artifacts form such a mode (Darcet et al., Fig. 3), clean models have none,
             and no model-specific number is needed. Or a positive number (fixed; 150 for DINOv2 ViT-L/g in Darcet et
-            al.) or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, Jiang et al.; it always flags the tail of a clean model).
+            al.; numpy scalars and 0-d tensors too) or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, Jiang et al.; it
+            flags whatever lies above the cut, second mode or not: 0-0.4 % of the patch tokens per layer of the clean
+            tiny random models, where ``"auto"`` flags none).
         processor: Image processor for images; default :func:`default_processor`.
         batch_size: Images per forward pass.
         progress: Show a tqdm progress bar.
@@ -242,11 +280,8 @@ def find_artifacts(
     tower = find_vision_tower(model)
     layout = token_layout(model)
     num_layers = len(tower.blocks)
-    layer = num_layers if layer is None else layer
-    if layer < 0:
-        layer += num_layers + 1
-    if not 1 <= layer <= num_layers:
-        raise InvalidConfigError(f"layer must be in [1, {num_layers}] (or negative from the end); got {layer}.")
+    layer = check_layer(layer, num_layers)
+    threshold = check_threshold(threshold)  # before the forward passes: a bad rule costs nothing
     norms, size = block_output_norms(  # (L, B, S)
         model, images_or_pixel_values, processor=processor, batch_size=batch_size, progress=progress
     )

@@ -30,7 +30,7 @@ from torch import nn
 from .architectures import find_vision_tower
 from .errors import InvalidConfigError
 from .hooks import capture
-from .images import eval_mode, patch_grid, pixel_batches, run_tower
+from .images import default_processor, eval_mode, input_to_image, patch_grid, run_tower, sized_pixel_batches
 from .tokens import split_tokens, token_layout
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
@@ -59,7 +59,7 @@ def lost(features: torch.Tensor, grid: tuple[int, int], k_patches: int = 100) ->
     """LOST on the patch features of one image.
 
     Args:
-        features: (N, C) patch features, row-major over the grid.
+        features: (N, C) patch features, row-major over the grid (on the CPU for speed: LOST reads single values).
         grid: ``(h, w)`` with ``h * w == N``.
         k_patches: Size of the low-degree pool the seed expands over (100 in the paper).
 
@@ -129,7 +129,7 @@ def discover_objects(
     processor: Any = None,
     batch_size: int = 16,
 ) -> list[Box]:
-    """Find one object per image with LOST; boxes are in pixels of the model input.
+    """Find one object per image with LOST.
 
     Args:
         model: A supported model, plain or with registers (a ``PeftModel`` included).
@@ -137,11 +137,14 @@ def discover_objects(
             ``processor`` one batch at a time (see :func:`register_adapter.images.as_pixel_values`).
         features: ``"keys"`` (default, as LOST does for DINO), ``"values"`` or ``"tokens"``.
         k_patches: Size of the low-degree pool the seed expands over.
-        processor: Image processor used when ``images`` are not pixel values.
+        processor: Image processor used when ``images`` are not pixel values; default
+            :func:`~register_adapter.images.default_processor`.
         batch_size: Images per forward pass.
 
     Returns:
-        One ``(x0, y0, x1, y1)`` box per image (``x1``/``y1`` exclusive), in pixels of the model input.
+        One ``(x0, y0, x1, y1)`` box per image (``x1``/``y1`` exclusive). For images, in pixels of each image: the
+        processor's resize and centre crop are undone (see :func:`~register_adapter.images.input_to_image`), so a
+        box may reach into the margin a crop cut off. For pixel values, in pixels of the pixel values.
 
     >>> from register_adapter.testing import make_artifact_model, make_object_images
     >>> planted = make_artifact_model("dinov2")
@@ -151,12 +154,20 @@ def discover_objects(
     1.0
     """
     patch_size = find_vision_tower(model).patch_size
+    if processor is None and not isinstance(images, torch.Tensor):
+        processor = default_processor(model)
     boxes: list[Box] = []
-    for batch in pixel_batches(images, model, processor, batch_size)[1]:
+    for batch, image_sizes in sized_pixel_batches(images, model, processor, batch_size)[1]:
         grid = patch_grid(batch.shape, patch_size)
-        for image_features in patch_features(model, batch, features):
-            x0, y0, x1, y1 = lost(image_features, grid, k_patches).box
-            boxes.append((x0 * patch_size, y0 * patch_size, x1 * patch_size, y1 * patch_size))
+        batch_features = patch_features(model, batch, features).float().cpu()  # (b, N, C): one copy per batch
+        for index, image_features in enumerate(batch_features):
+            x0, y0, x1, y1 = (v * patch_size for v in lost(image_features, grid, k_patches).box)
+            if image_sizes is not None:
+                height, width = image_sizes[index]
+                scale_y, scale_x, top, left = input_to_image(processor, image_sizes[index], tuple(batch.shape[-2:]))
+                x0, x1 = (min(max(round((x + left) * scale_x), 0), width) for x in (x0, x1))
+                y0, y1 = (min(max(round((y + top) * scale_y), 0), height) for y in (y0, y1))
+            boxes.append((x0, y0, x1, y1))
     return boxes
 
 

@@ -54,6 +54,9 @@ _GATE_LEVEL = 2.0
 _FIGURE_LEVEL = 0.5  # figure-channel value of textured patches, relative to their median norm
 
 _MEAN = _STD = (0.5, 0.5, 0.5)
+#: A token is a ground-truth artifact when the register neurons fire at least this fraction of their activation on a
+#: plain background patch: the write then puts it at about 10x the median norm or more (15x at full strength).
+FULL_STRENGTH_FRACTION = 0.5
 _PLANTABLE = ("vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa")
 
 
@@ -117,7 +120,10 @@ class ArtifactModel:
         image_size: Side of the square input images, in pixels.
         patch_size: Side of one patch, in pixels.
         positions: (G,) flat grid indices where the register neurons may fire (the position gate).
-        firing_threshold: A patch holds an artifact when the summed activation of the register neurons exceeds it.
+        firing_threshold: A patch holds an artifact when the summed activation of the register neurons exceeds it:
+            ``FULL_STRENGTH_FRACTION`` (one half) of their activation on a plain, gated-in patch of the calibration
+            scenes. On synthetic scenes the neurons fire fully or not at all; on photos, faintly textured patches
+            make them fire weakly, and those tokens (a few times the median norm) are not counted.
         processor: The image processor the model expects (resize to ``image_size``, mean = std = 0.5).
     """
 
@@ -146,7 +152,8 @@ class ArtifactModel:
         return _register_activations(self.model, self.neurons, pixel_values, h * w).reshape(-1, h, w)
 
     def artifact_mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Ground truth: where the planted neurons wrote an artifact, (B, h, w) bool."""
+        """Ground truth: where the planted neurons wrote an artifact near full strength (activation above
+        ``firing_threshold``), (B, h, w) bool."""
         return self.register_activations(pixel_values) > self.firing_threshold
 
     def artifact_positions(self, pixel_values: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -454,7 +461,9 @@ def _plant_register_neurons(
     xw, ww = (x * w).sum(-1), (w * w).sum(-1)  # (T,)
     c = (-xw + (xw**2 - ww * ((x * x).sum(-1) - goal**2)).sqrt()) / ww  # (T,)
     fc2.weight[:, units] *= c.median()
-    firing_threshold = activations[target].min().item() / 4
+    # Ground truth is a write near full strength: at least half the activation of a plain, gated-in patch. On
+    # photos, faintly textured patches make the neurons fire weakly; those tokens are not counted as artifacts.
+    firing_threshold = FULL_STRENGTH_FRACTION * activations[target].median().item()
     return [(layer, unit) for unit in units], firing_threshold, activations > firing_threshold
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -74,27 +76,45 @@ def bimodal_threshold(norms: np.ndarray, min_ratio: float = MIN_ARTIFACT_RATIO) 
     )
 
 
-def resolve_threshold(rule: float | str, norms: np.ndarray) -> Threshold:
+def check_threshold(rule: Any) -> float | str:
+    """Validate a threshold rule before any norm is measured; returns it with a number as a ``float``.
+
+    Args:
+        rule: A positive, finite real number (``int``, ``float``, numpy scalars and 0-d arrays or tensors are all
+            accepted), ``"auto"``, ``"bimodal"`` or ``"mean+<k>std"``.
+
+    Raises:
+        InvalidConfigError: anything else, with the value received.
+    """
+    if getattr(rule, "ndim", None) == 0 and hasattr(rule, "item"):  # 0-d numpy array or torch tensor
+        rule = rule.item()
+    if isinstance(rule, numbers.Real) and not isinstance(rule, bool):
+        value = float(rule)
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidConfigError(f"A fixed threshold must be a positive, finite number; got {value:g}.")
+        return value
+    if isinstance(rule, str) and (rule in ("auto", "bimodal") or _SIGMA_RULE.match(rule)):
+        return rule
+    raise InvalidConfigError(
+        f"threshold must be a positive number, 'auto', 'bimodal' or 'mean+<k>std' (e.g. 'mean+3std'); got {rule!r}."
+    )
+
+
+def resolve_threshold(rule: Any, norms: np.ndarray) -> Threshold:
     """Apply a threshold rule to the patch-token norms (n,) of one layer.
 
     Args:
         rule: A positive number (fixed; Darcet et al. use 150 for DINOv2 ViT-g and ViT-L), ``"auto"`` (=
             ``"bimodal"``, see :func:`bimodal_threshold`), or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, the rule of
-            Jiang et al., https://arxiv.org/abs/2506.08010).
+            Jiang et al., https://arxiv.org/abs/2506.08010). Checked by :func:`check_threshold`.
         norms: Token norms of one layer.
     """
-    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
-        if not rule > 0:
-            raise InvalidConfigError(f"A fixed threshold must be positive; got {rule}.")
-        return Threshold(float(rule), "fixed", f"fixed threshold {float(rule):g}")
+    rule = check_threshold(rule)
+    if isinstance(rule, float):
+        return Threshold(rule, "fixed", f"fixed threshold {rule:g}")
     if rule in ("auto", "bimodal"):
         return bimodal_threshold(norms)
-    match = _SIGMA_RULE.match(rule) if isinstance(rule, str) else None
-    if match is None:
-        raise InvalidConfigError(
-            "threshold must be a positive number, 'auto', 'bimodal' or 'mean+<k>std' (e.g. 'mean+3std'); "
-            f"got {rule!r}."
-        )
+    match = _SIGMA_RULE.match(rule)
     k = float(match.group(1))
     value = float(np.mean(norms) + k * np.std(norms))
     return Threshold(value, f"mean+{match.group(1)}std", f"mean + {k:g} standard deviations of the patch-token norms")

@@ -1,6 +1,7 @@
 """``register-adapter diagnose``: report.json agrees with the API, the PNGs are written, adapters are compared, and
 bad inputs give a clear error and exit status 2."""
 
+import io
 import json
 
 import numpy as np
@@ -119,23 +120,118 @@ def test_adapter_before_and_after(saved, tmp_path, monkeypatch):
     }
 
 
-def test_unreadable_image(saved, tmp_path, capsys):
+def _truncated_jpeg(path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # a valid header, half the data
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the command loads a model."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("register_adapter.diagnose.load_model", load_model)
+
+
+def run_error(argv, capsys):
+    """Run ``diagnose`` expecting bad input: returns its error line, the last on stderr (transformers may draw a
+    progress bar above it)."""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert sum(line.startswith("register-adapter diagnose: error:") for line in lines) == 1
+    return lines[-1]
+
+
+def test_unreadable_image(saved, tmp_path, capsys, no_model):
     root, _, _ = saved
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 truncated")
-    code = main(
-        [
-            "--model",
-            str(root / "model"),
-            str(root / "images" / "scene0.png"),
-            str(broken),
-            "--out",
-            str(tmp_path / "out"),
-        ]
+    truncated = _truncated_jpeg(tmp_path / "truncated.jpg")
+    with Image.open(truncated) as image:
+        assert image.size == (80, 64)  # the header alone reads fine
+    good = str(root / "images" / "scene0.png")
+    for path, reason in (
+        (broken, "not an image file that PIL can decode."),
+        (truncated, "image file is truncated (144 bytes not processed)."),
+    ):
+        line = run_error(["--model", "unused", good, str(path), "--out", str(tmp_path / "out")], capsys)
+        assert line == f"register-adapter diagnose: error: Cannot read image '{path}': {reason}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_and_adapter_that_cannot_be_loaded(saved, tmp_path, capsys):
+    root, _, _ = saved
+    image, out = str(root / "images" / "scene0.png"), str(tmp_path / "out")
+    line = run_error(["--model", "/nonexistent/model", image, "--out", out], capsys)
+    assert line == (
+        "register-adapter diagnose: error: Cannot load model '/nonexistent/model': no such folder. Give a folder "
+        "saved with save_pretrained, a Hub id, a built-in tiny model (tiny-vit, ...) or planted:<family>."
     )
-    assert code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"register-adapter diagnose: error: Cannot read image '{broken}': not an image file that PIL can decode."
+    line = run_error(["--model", str(root / "images"), image, "--out", out], capsys)
+    assert line.startswith(f"register-adapter diagnose: error: Cannot load model '{root / 'images'}': ")
+    line = run_error(["--model", str(root / "model"), "--adapter", "/nonexistent", image, "--out", out], capsys)
+    assert line == (
+        "register-adapter diagnose: error: Cannot load adapter '/nonexistent': no such folder. Give a folder saved "
+        "with save_pretrained (adapter_config.json and the weights) or a Hub id."
+    )
+    line = run_error(["--model", str(root / "model"), "--adapter", str(root / "images"), image, "--out", out], capsys)
+    assert line == (
+        f"register-adapter diagnose: error: Cannot load adapter '{root / 'images'}': Can't find 'adapter_config.json' "
+        f"at '{root / 'images'}'. Give a folder saved with save_pretrained (adapter_config.json and the weights) or "
+        "a Hub id."
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_cannot_be_created(saved, tmp_path, capsys, no_model):
+    root, _, _ = saved
+    (tmp_path / "file.txt").write_text("a file")
+    for out in (tmp_path / "file.txt", tmp_path / "file.txt" / "out"):
+        line = run_error(["--model", "unused", str(root / "images"), "--out", str(out)], capsys)
+        assert line == (
+            f"register-adapter diagnose: error: Cannot write to --out '{out}': '{tmp_path / 'file.txt'}' is a file, "
+            "not a folder."
+        )
+
+
+def test_layer_the_model_lacks_creates_no_output(saved, tmp_path, capsys):
+    root, _, _ = saved
+    line = run_error(
+        ["--model", "tiny-vit", str(root / "images"), "--out", str(tmp_path / "out"), "--layer", "9"], capsys
+    )
+    assert line == (
+        "register-adapter diagnose: error: layer must be a whole number in [1, 2], or in [-2, -1] counting from the "
+        "end; got 9."
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        (
+            "--threshold",
+            "otsu",
+            "threshold must be a positive number, 'auto', 'bimodal' or 'mean+<k>std' (e.g. 'mean+3std'); got 'otsu'.",
+        ),
+        ("--threshold", "inf", "A fixed threshold must be a positive, finite number; got inf."),
+        ("--threshold", "-3", "A fixed threshold must be a positive, finite number; got -3."),
+        ("--layer", "0", "must be a whole number other than 0 (1 = first block output, -1 = last); got '0'."),
+        ("--layer", "last", "must be a whole number other than 0 (1 = first block output, -1 = last); got 'last'."),
+        ("--batch-size", "0", "must be a whole number, 1 or more; got '0'."),
+        ("--batch-size", "2.5", "must be a whole number, 1 or more; got '2.5'."),
+    ],
+)
+def test_options_are_checked_before_anything_is_read(tmp_path, capsys, no_model, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "unused", "photo.png", "--out", str(tmp_path / "out"), option, value])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1] == f"register-adapter diagnose: error: argument {option}: {message}"
     )
     assert not (tmp_path / "out").exists()
 

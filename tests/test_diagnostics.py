@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testing_common import hidden_patch_norms, hidden_state_norms, planted_model
+from testing_common import ForwardCounter, hidden_patch_norms, hidden_state_norms, planted_model
+from transformers import BitImageProcessorPil
 
 from register_adapter import add_registers
 from register_adapter.diagnostics import find_artifacts
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
 from register_adapter.testing import make_artifact_model, make_object_images
-from register_adapter.thresholds import bimodal_threshold, resolve_threshold
+from register_adapter.thresholds import bimodal_threshold, check_threshold, resolve_threshold
 from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
 from register_adapter.viz import patch_views
 
@@ -82,6 +83,18 @@ def test_mean_plus_k_std_flags_the_tail_of_a_clean_model():
     assert report.threshold_method == "mean+3std"
     assert report.outlier_fraction == pytest.approx((norms > report.threshold).mean())
     assert 0 < report.outlier_fraction < 0.02
+
+
+def test_mean_plus_k_std_on_clean_models_flags_at_most_a_small_tail():
+    # What the docs claim: 0-0.4 % of the patch tokens per layer, and not always some.
+    fractions = {}
+    for name in CLEAN:
+        size = tiny_image_size(name)
+        pixel_values = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+        report = find_artifacts(build_tiny_model(name), pixel_values, threshold="mean+3std")
+        fractions[name] = [s.outlier_fraction for s in report.layers]
+    assert max(max(f) for f in fractions.values()) <= 0.004
+    assert fractions["tiny-siglip"] == [0.0, 0.0] and min(fractions["tiny-vit"]) > 0
 
 
 def test_fixed_threshold_and_layer(scene):
@@ -183,15 +196,76 @@ def test_bimodal_threshold_finds_a_small_second_mode():
 
 def test_threshold_rules_are_validated():
     norms = np.ones(10)
-    assert resolve_threshold(150, norms).value == 150.0
-    with pytest.raises(
-        InvalidConfigError,
-        match=r"^threshold must be a positive number, 'auto', 'bimodal' or 'mean\+<k>std' \(e\.g\. 'mean\+3std'\); "
-        r"got 'otsu'\.$",
+    for rule in (150, 150.0, np.float32(150), np.int64(150), np.array(150.0), torch.tensor(150.0)):
+        assert check_threshold(rule) == 150.0 and type(check_threshold(rule)) is float
+        assert resolve_threshold(rule, norms).value == 150.0
+    assert [check_threshold(rule) for rule in ("auto", "bimodal", "mean+2.5std")] == ["auto", "bimodal", "mean+2.5std"]
+    for rule, shown in (("otsu", "'otsu'"), (True, "True"), (None, "None"), ("mean+std", "'mean+std'")):
+        with pytest.raises(InvalidConfigError) as error:
+            resolve_threshold(rule, norms)
+        assert str(error.value) == (
+            f"threshold must be a positive number, 'auto', 'bimodal' or 'mean+<k>std' (e.g. 'mean+3std'); got {shown}."
+        )
+    for rule, shown in (
+        (-1, "-1"),
+        (0.0, "0"),
+        (float("inf"), "inf"),
+        (float("nan"), "nan"),
+        (np.float32("inf"), "inf"),
     ):
-        resolve_threshold("otsu", norms)
-    with pytest.raises(InvalidConfigError, match=r"^A fixed threshold must be positive; got -1\.$"):
-        resolve_threshold(-1, norms)
+        with pytest.raises(InvalidConfigError) as error:
+            check_threshold(rule)
+        assert str(error.value) == f"A fixed threshold must be a positive, finite number; got {shown}."
+
+
+def test_fixed_threshold_of_any_real_type(scene):
+    planted = planted_model("dinov2")
+    pixel_values = planted.preprocess(scene.images[:4])
+    reports = [
+        find_artifacts(planted.model, pixel_values, threshold=t) for t in (50, np.float32(50), torch.tensor(50.0))
+    ]
+    assert [r.threshold for r in reports] == [50.0, 50.0, 50.0]
+    assert json.loads(reports[2].to_json())["threshold"] == 50.0
+    assert reports[1].images[0].outlier_positions == reports[0].images[0].outlier_positions
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"threshold": "otsu"},
+            "threshold must be a positive number, 'auto', 'bimodal' or 'mean+<k>std' (e.g. 'mean+3std'); got 'otsu'.",
+        ),
+        ({"threshold": float("inf")}, "A fixed threshold must be a positive, finite number; got inf."),
+        ({"threshold": float("nan")}, "A fixed threshold must be a positive, finite number; got nan."),
+        ({"layer": -3}, "layer must be a whole number in [1, 2], or in [-2, -1] counting from the end; got -3."),
+        ({"layer": 0}, "layer must be a whole number in [1, 2], or in [-2, -1] counting from the end; got 0."),
+        ({"layer": 2.5}, "layer must be a whole number in [1, 2], or in [-2, -1] counting from the end; got 2.5."),
+        ({"layer": True}, "layer must be a whole number in [1, 2], or in [-2, -1] counting from the end; got True."),
+        ({"layer": "1"}, "layer must be a whole number in [1, 2], or in [-2, -1] counting from the end; got '1'."),
+    ],
+)
+def test_bad_options_are_refused_before_any_forward_pass(options, message):
+    model = build_tiny_model("tiny-vit")
+    with ForwardCounter(model) as counter, pytest.raises(InvalidConfigError) as error:
+        find_artifacts(model, torch.zeros(2, 3, 30, 30), **options)
+    assert str(error.value) == message
+    assert counter.calls == 0
+    with ForwardCounter(model) as counter:
+        find_artifacts(model, torch.zeros(2, 3, 30, 30), batch_size=1)
+    assert counter.calls == 2  # the counter sees forward passes
+
+
+def test_layer_counts_from_the_end_and_takes_integer_types():
+    planted = planted_model("vit")
+    pixel_values = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert [find_artifacts(planted.model, pixel_values, layer=v).layer for v in (-6, -1, np.int64(2))] == [1, 6, 2]
+    assert find_artifacts(planted.model, pixel_values, layer=torch.tensor(-2)).layer == 5
+    with pytest.raises(InvalidConfigError) as error:
+        find_artifacts(planted.model, pixel_values, layer=-7)
+    assert str(error.value) == (
+        "layer must be a whole number in [1, 6], or in [-6, -1] counting from the end; got -7."
+    )
 
 
 def test_input_errors(tmp_path):
@@ -208,8 +282,116 @@ def test_input_errors(tmp_path):
         DataError, match=r"^Expected pixel values of shape \(batch, 3, height, width\); got \(2, 1, 30, 30\)\.$"
     ):
         find_artifacts(model, torch.zeros(2, 1, 30, 30))
-    with pytest.raises(InvalidConfigError, match=r"^layer must be in \[1, 2\] \(or negative from the end\); got 3\.$"):
+    with pytest.raises(
+        InvalidConfigError,
+        match=r"^layer must be a whole number in \[1, 2\], or in \[-2, -1\] counting from the end; got 3\.$",
+    ):
         find_artifacts(model, torch.zeros(1, 3, 30, 30), layer=3)
+
+
+def _image(height, width, seed):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_images_of_different_sizes_are_refused():
+    # A processor that keeps the aspect ratio: 60x30 and 30x60 images give 60x30 and 30x60 pixel values.
+    model = build_tiny_model("tiny-vit")
+    processor = BitImageProcessorPil(size={"shortest_edge": 30}, do_center_crop=False)
+    tall, wide, short = _image(60, 30, 0), _image(30, 60, 1), _image(40, 30, 2)
+    cases = [([tall, wide], 1, 1, "30x60"), ([tall, short], 1, 1, "40x30"), ([tall, tall, wide], 2, 2, "30x60")]
+    cases += [([tall, wide], 2, 1, "30x60")]  # inside one batch
+    for images, batch_size, index, size in cases:
+        with pytest.raises(DataError) as error:
+            find_artifacts(model, images, processor=processor, batch_size=batch_size)
+        assert str(error.value) == (
+            f"Images must all have one size after preprocessing: image {index} is {size} pixels (height x width), "
+            "image 0 is 60x30. Resize or crop them to one size first, or pass a processor with a fixed output size, "
+            "e.g. size={'height': 60, 'width': 30} or do_center_crop=True."
+        )
+
+
+def test_images_of_one_size_other_than_the_models():
+    # 60x30 pixel values on a 30 px ViT: a 30 x 15 grid, position embeddings interpolated.
+    model = build_tiny_model("tiny-vit")
+    processor = BitImageProcessorPil(size={"shortest_edge": 30}, do_center_crop=False)
+    images = [_image(60, 30, 0), _image(120, 60, 1), _image(60, 30, 2)]
+    report = find_artifacts(model, images, processor=processor, batch_size=2)
+    assert report.grid == (30, 15) and report.images[1].norm_map.shape == (30, 15)
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]  # (3, 3, 60, 30)
+    expected = hidden_patch_norms(model, pixel_values, 30 * 15, interpolate_pos_encoding=True)[-1].reshape(3, 30, 15)
+    np.testing.assert_allclose(np.stack([i.norm_map for i in report.images]), expected.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-clip", "tiny-siglip"])
+def test_pixel_values_at_another_resolution(name):
+    model = build_tiny_model(name)
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    report = find_artifacts(model, pixel_values)
+    assert report.grid == (32, 32)
+    expected = hidden_patch_norms(model, pixel_values, 32 * 32, interpolate_pos_encoding=True)  # (L, B, N)
+    np.testing.assert_allclose(report.patch_norms, expected.numpy(), rtol=1e-5)
+
+
+def test_models_that_cannot_interpolate_name_their_size():
+    with pytest.raises(DataError) as error:
+        find_artifacts(build_tiny_model("tiny-aimv2"), torch.rand(2, 3, 64, 64))
+    assert str(error.value) == (
+        "Aimv2VisionModel takes 30x30 pixel values (its image_size) and cannot interpolate its position embeddings "
+        "to the 64x64 given. Resize the images to 30x30 (the default processor does) or pass a processor that does."
+    )
+    dinov2 = find_artifacts(build_tiny_model("tiny-dinov2"), torch.rand(1, 3, 64, 64))  # interpolates by itself
+    assert dinov2.grid == (32, 32)
+
+
+def test_in_memory_images_of_any_mode_are_converted_to_rgb():
+    model = build_tiny_model("tiny-vit")
+    gray = _image(30, 30, 0)[..., 0]  # (30, 30) uint8
+    rgb = _image(30, 30, 1)
+
+    def norms(images):
+        return find_artifacts(model, images).patch_norms
+
+    reference = norms([np.stack([gray] * 3, axis=-1)])
+    np.testing.assert_allclose(norms([Image.fromarray(gray)]), reference)  # "L"
+    np.testing.assert_allclose(norms([gray]), reference)  # 2-D array
+    np.testing.assert_allclose(norms([gray[..., None]]), reference)  # (H, W, 1)
+    np.testing.assert_allclose(norms([Image.fromarray(gray.astype(np.uint16) * 257)]), reference)  # "I;16", full range
+    stretched = np.interp(gray, (gray.min(), gray.max()), (0, 255)).round().astype(np.uint8)
+    wide = norms([Image.fromarray(gray.astype(np.int32) * 1000)])  # "I": its own min..max
+    np.testing.assert_allclose(wide, norms([stretched]))
+    np.testing.assert_allclose(norms([Image.fromarray(gray.astype(np.float32) / 255)]), norms([gray]))  # "F" in [0, 1]
+    reference = norms([rgb])
+    np.testing.assert_allclose(norms([Image.fromarray(np.dstack([rgb, gray]), "RGBA")]), reference)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    np.testing.assert_allclose(norms([cmyk]), norms([np.asarray(cmyk.convert("RGB"))]))
+    assert Image.fromarray(gray.astype(np.uint16) * 257).mode == "I;16"
+
+
+def test_16_bit_files_are_scaled_not_clipped(tmp_path):
+    model = build_tiny_model("tiny-vit")
+    gray = _image(30, 30, 0)[..., 0]
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(gray).save(tmp_path / "plain.png")
+    deep, plain = (find_artifacts(model, [tmp_path / name]).patch_norms for name in ("deep.png", "plain.png"))
+    np.testing.assert_allclose(deep, plain)
+
+
+def test_arrays_that_are_not_images_are_refused():
+    model = build_tiny_model("tiny-vit")
+    for array in (np.zeros((30, 30, 4), np.uint8), np.zeros((3, 30, 30), np.uint8)):
+        with pytest.raises(DataError) as error:
+            find_artifacts(model, [_image(30, 30, 0), array])
+        assert str(error.value) == (
+            f"Image 1 is an array of shape {array.shape}; expected (height, width) for grayscale or (height, width, 3) "
+            "for RGB. Convert it first, e.g. array[..., :3] to drop an alpha channel or array.transpose(1, 2, 0) for "
+            "a channels-first array."
+        )
+    with pytest.raises(DataError) as error:
+        find_artifacts(model, [{"image": None}])
+    assert str(error.value) == (
+        "Image 0 is a dict; expected a PIL image, a uint8 array (height, width[, 3]), a file path, or pixel values "
+        "(batch, 3, height, width) as one tensor."
+    )
 
 
 def test_models_that_drop_patches_are_refused():

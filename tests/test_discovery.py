@@ -6,7 +6,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from testing_common import planted_model
+from transformers import CLIPImageProcessorPil, ViTImageProcessorPil
+from transformers.image_utils import PILImageResampling
 
 from register_adapter import add_registers
 from register_adapter.discovery import box_iou, corloc, discover_objects, lost
@@ -67,16 +70,65 @@ def test_corloc_on_synthetic_scenes_and_artifacts_break_lost(family, scene):
     assert with_artifacts <= 0.2  # the seed lands on an artifact token
 
 
-def test_boxes_are_in_pixels_and_registers_are_skipped(scene):
+def test_registers_are_skipped_and_images_give_the_boxes_of_their_pixel_values(scene):
     planted = planted_model("dinov2")
     pixel_values = planted.preprocess(scene.images[:6])
     boxes = discover_objects(planted.oracle, pixel_values)
-    assert all(v % 2 == 0 and 0 <= v <= 32 for box in boxes for v in box)
-    assert all(x0 < x1 and y0 < y1 for x0, y0, x1, y1 in boxes)
     with_registers = discover_objects(add_registers(copy.deepcopy(planted.oracle), 4), pixel_values)
     assert with_registers == boxes  # registers initialised near zero change no feature sign
     from_arrays = discover_objects(planted.oracle, list(scene.images[:6]), processor=planted.processor, batch_size=4)
-    assert from_arrays == boxes
+    assert from_arrays == boxes  # the images are the model's size: nothing to undo
+
+
+def nearest(processor_class, **sizes):
+    """A processor that resizes with nearest-neighbour sampling: a 2x downscale keeps a plain background plain."""
+    return processor_class(resample=PILImageResampling.NEAREST, image_mean=[0.5] * 3, image_std=[0.5] * 3, **sizes)
+
+
+def test_boxes_are_in_pixels_of_the_images_given():
+    # 64 px scenes on a 32 px model: the processor halves them, the boxes come back in 64 px coordinates.
+    planted = planted_model("dinov2")
+    scene = make_object_images(16, 64, seed=3)
+    processor = nearest(ViTImageProcessorPil, size={"height": 32, "width": 32})
+    boxes = discover_objects(planted.oracle, list(scene.images), processor=processor, batch_size=5)
+    assert corloc(boxes, scene.boxes[:, None]) >= 0.9
+    pixel_values = processor(images=list(scene.images), return_tensors="pt")["pixel_values"]
+    in_pixel_values = discover_objects(planted.oracle, pixel_values)  # in 32 px coordinates
+    assert corloc(in_pixel_values, scene.boxes[:, None]) <= 0.1
+    assert boxes == [tuple(2 * v for v in box) for box in in_pixel_values]
+
+
+def test_boxes_undo_the_resize_and_the_centre_crop(tmp_path):
+    # 64 x 96 images (the scene in the middle, plain margins) -> shortest edge 32 -> 32 x 48 -> centre crop 32 x 32,
+    # 8 px cut off left and right: an input x maps to (x + 8) * 2 in the image.
+    planted = planted_model("dinov2")
+    scene = make_object_images(12, 64, seed=5)
+    wide = np.empty((12, 64, 96, 3), dtype=np.uint8)
+    for image, canvas in zip(scene.images, wide):
+        canvas[:] = image[0, 0]
+        canvas[:, 16:80] = image
+    truth = scene.boxes + np.array([16, 0, 16, 0])
+    processor = nearest(CLIPImageProcessorPil, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    paths = []
+    for i, image in enumerate(wide):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    boxes = discover_objects(planted.oracle, paths, processor=processor)
+    assert corloc(boxes, truth[:, None]) >= 0.9
+    in_pixel_values = discover_objects(
+        planted.oracle, processor(images=list(wide), return_tensors="pt")["pixel_values"]
+    )
+    assert boxes == [((x0 + 8) * 2, y0 * 2, (x1 + 8) * 2, y1 * 2) for x0, y0, x1, y1 in in_pixel_values]
+
+
+@pytest.mark.parametrize("family", ["clip-vision", "vit"])
+def test_pixel_values_at_another_resolution(family):
+    # 48 px pixel values on a 32 px model: position embeddings interpolated, boxes in 48 px coordinates.
+    planted = planted_model(family)
+    scene = make_object_images(12, 48, seed=2)
+    processor = nearest(ViTImageProcessorPil, size={"height": 48, "width": 48})
+    pixel_values = processor(images=list(scene.images), return_tensors="pt")["pixel_values"]  # (12, 3, 48, 48)
+    assert corloc(discover_objects(planted.oracle, pixel_values), scene.boxes[:, None]) >= 0.9
 
 
 def test_unknown_features_are_refused():
@@ -91,3 +143,11 @@ def test_corloc_counts_any_ground_truth_box():
     boxes = np.array([[0, 0, 8, 8], [8, 8, 16, 16]])
     assert corloc([(8, 8, 16, 16)], [boxes]) == 1.0
     assert corloc([(0, 8, 8, 16)], [boxes]) == 0.0
+
+
+@pytest.mark.gpu
+def test_discover_objects_on_cuda(scene):
+    planted = planted_model("dinov2")
+    oracle = copy.deepcopy(planted.oracle).to("cuda")
+    boxes = discover_objects(oracle, planted.preprocess(scene.images))  # features copied to the CPU once per batch
+    assert corloc(boxes, scene.boxes[:, None]) >= 0.85

@@ -5,11 +5,12 @@ without the write."""
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from testing_common import hidden_patch_norms, planted_model
 
 from register_adapter.discovery import patch_features
 from register_adapter.errors import UnsupportedModelError
-from register_adapter.testing import make_artifact_model, make_object_images
+from register_adapter.testing import FULL_STRENGTH_FRACTION, make_artifact_model, make_object_images
 
 FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
 
@@ -45,6 +46,33 @@ def test_artifacts_are_rare_huge_and_appear_at_the_planted_layer(planted, scene)
     written = norms[planted.layer - 1].reshape(-1, 16, 16)  # (B, h, w)
     high = written / written.median() > 7.0
     assert [[tuple(p) for p in image.nonzero().tolist()] for image in high] == planted.artifact_positions(pixel_values)
+
+
+def photo_like(num_images: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour noise of random contrast over a random ramp: unlike the scenes, every degree of local contrast
+    occurs, so the register neurons also fire weakly, as on photos."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(num_images):
+        noise = ndimage.gaussian_filter(rng.normal(size=(size, size, 3)), sigma=(*rng.uniform(1, 4, size=2), 0))
+        ramp = np.linspace(0, rng.uniform(-80, 80), size)[None, :, None]
+        image = rng.integers(0, 256, size=3) + rng.uniform(5, 120) * noise / noise.std() + ramp
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return np.stack(images)
+
+
+def test_ground_truth_is_near_full_strength_writes_on_photo_like_images(planted):
+    pixel_values = planted.preprocess(photo_like(32, 32))
+    activations = planted.register_activations(pixel_values).flatten(1)  # (B, N)
+    truth = planted.artifact_mask(pixel_values).flatten(1)
+    full = planted.firing_threshold / FULL_STRENGTH_FRACTION
+    assert ((activations > 0.05 * full) & ~truth).any()  # weak writes happen and are not ground truth
+    assert 0.005 <= truth.float().mean() <= 0.04  # about 1-2 % of the tokens
+    last = patch_norms(planted.model, pixel_values)[-1]  # (B, N)
+    ratio = last[truth] / last.median()
+    # At least 10x the median norm (weak writes counted, the least was 7x); the most is 15x on the scenes the write
+    # is sized on, up to 27x here where the median token is fainter (18-22x on real photos).
+    assert ratio.min() >= 10.0 and ratio.max() <= 30.0
 
 
 def test_artifacts_sit_on_plain_patches_at_gated_positions(planted, scene):
@@ -101,7 +129,7 @@ def test_oracle_features_are_flip_and_shift_equivariant(planted, scene):
         return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
 
     shifted = torch.cat([pixel_values[..., :2], pixel_values[..., :-2]], dim=-1)  # one patch to the right
-    for model, minimum in ((planted.oracle, 0.97), (planted.model, 0.9)):
+    for model, minimum in ((planted.oracle, 0.97), (planted.model, 0.95)):  # the numbers in the docs
         reference = features(model, pixel_values)
         assert cosine(features(model, pixel_values.flip(-1)), reference.flip(2)) > minimum
         assert cosine(features(model, shifted)[:, :, 1:], reference[:, :, :-1]) > minimum

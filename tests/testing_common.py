@@ -59,18 +59,36 @@ def max_diff(a, b) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(tensors(a), tensors(b), strict=True))
 
 
-def hidden_state_norms(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def hidden_state_norms(model: torch.nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
     """(L, B, S) token norms at every block output, from the model's own ``output_hidden_states``: an oracle for the
-    forward hooks of ``register_adapter.diagnostics`` that shares no code with them."""
+    forward hooks of ``register_adapter.diagnostics`` that shares no code with them. ``kwargs`` go to the forward
+    (e.g. ``interpolate_pos_encoding=True``)."""
     tower = getattr(model, "vision_model", model)  # full CLIP: the vision tower alone runs on pixel values only
     with torch.no_grad():
-        hidden_states = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[1:]  # (B, S, D) each
-    return torch.stack([torch.linalg.vector_norm(hidden, dim=-1) for hidden in hidden_states])
+        outputs = tower(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+    return torch.stack([torch.linalg.vector_norm(hidden, dim=-1) for hidden in outputs.hidden_states[1:]])
 
 
-def hidden_patch_norms(model: torch.nn.Module, pixel_values: torch.Tensor, num_patches: int) -> torch.Tensor:
+def hidden_patch_norms(model: torch.nn.Module, pixel_values: torch.Tensor, num_patches: int, **kwargs) -> torch.Tensor:
     """(L, B, N) patch-token norms at every block output (patches come last in every token layout)."""
-    return hidden_state_norms(model, pixel_values)[..., -num_patches:]
+    return hidden_state_norms(model, pixel_values, **kwargs)[..., -num_patches:]
+
+
+class ForwardCounter:
+    """Counts the forward passes of a model's vision tower: ``with ForwardCounter(model) as counter: ...``."""
+
+    def __init__(self, model: torch.nn.Module):
+        from register_adapter.architectures import find_vision_tower
+
+        self.module = find_vision_tower(model).module
+        self.calls = 0
+
+    def __enter__(self) -> ForwardCounter:
+        self.handle = self.module.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
 
 
 @functools.cache
