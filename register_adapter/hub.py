@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -47,6 +50,7 @@ def render_model_card(
     repo_id: str | None = None,
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    tags: Sequence[str] = (),
 ) -> ModelCard:
     """Build the model card of a register adapter from ``model_cards/adapter_card.md``.
 
@@ -56,6 +60,7 @@ def render_model_card(
         repo_id: Hub id the card shows in its loading snippet.
         metrics: Evaluation results, e.g. ``{"eval_accuracy": 0.91}``.
         training: Training setup, e.g. ``{"learning_rate": 1e-3, "epochs": 3}``.
+        tags: Hub tags added to the card's own.
     """
     config = _register_config(model, adapter_name)
     base = model.get_base_model()
@@ -70,7 +75,8 @@ def render_model_card(
     if config.lora_r:
         targets = ", ".join(f"`{name}`" for name in config.lora_target_modules)
         lora = f"rank {config.lora_r}, alpha {config.lora_alpha} on {targets}"
-    tags = ["register_adapter", "registers", "vision-transformer", str(config.family), f"registers-{config.method}"]
+    own = ["register_adapter", "registers", "vision-transformer", str(config.family), f"registers-{config.method}"]
+    tags = own + [tag for tag in tags if tag not in own]
     card_data = ModelCardData(
         library_name="peft",
         base_model=hub_id,
@@ -122,10 +128,9 @@ def atomic_save(model: PeftModel, save_directory: str | os.PathLike, save: Any, 
         raise InvalidConfigError(SAFETENSORS_ONLY)
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
-    for name in os.listdir(save_directory):  # left by a save that was killed
-        if name.startswith(STALE_SAVE_PREFIX):
-            shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=save_directory, prefix=STALE_SAVE_PREFIX) as tmp:
+    _remove_killed_saves(save_directory)
+    prefix = f"{STALE_SAVE_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(dir=save_directory, prefix=prefix) as tmp:
         save(tmp, **kwargs)
         for root, _, files in os.walk(tmp):
             relative = os.path.relpath(root, tmp)
@@ -134,6 +139,26 @@ def atomic_save(model: PeftModel, save_directory: str | os.PathLike, save: Any, 
             # The config goes last so that a loader never sees a new config next to old weights.
             for name in sorted(files, key=lambda n: n == "adapter_config.json"):
                 os.replace(os.path.join(root, name), os.path.join(target_dir, name))
+
+
+def _remove_killed_saves(save_directory: str) -> None:
+    """Remove the temporary folders of saves into ``save_directory`` whose process, on this host, no longer runs."""
+    host = socket.gethostname()
+    for name in os.listdir(save_directory):
+        found = re.fullmatch(rf"{re.escape(STALE_SAVE_PREFIX)}(.+)-(\d+)-[^-]+", name)
+        if found is None or found[1] != host or _process_runs(int(found[2])):
+            continue
+        shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def push_to_hub(
@@ -149,6 +174,7 @@ def push_to_hub(
     commit_description: str | None = None,
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    tags: Sequence[str] = (),
     extra_files: Sequence[str | os.PathLike] = (),
 ) -> str:
     """Save the adapter with its model card into a temporary folder and upload it in one commit.
@@ -161,9 +187,9 @@ def push_to_hub(
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        _PEFT_METHODS["save_pretrained"](model, tmp, selected_adapters=[adapter_name])
+        _peft_method("save_pretrained")(model, tmp, selected_adapters=[adapter_name])
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
-        card = render_model_card(model, adapter_name, repo_id=repo_id, metrics=metrics, training=training)
+        card = render_model_card(model, adapter_name, repo_id=repo_id, metrics=metrics, training=training, tags=tags)
         card.save(os.path.join(folder, "README.md"))
         operations = [
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
@@ -184,8 +210,6 @@ def push_to_hub(
     return info.commit_url
 
 
-# PeftModel's own methods, before install_peft_model_methods wraps them.
-_PEFT_METHODS: dict[str, Callable[..., Any]] = {}
 # PushToHubMixin arguments that mean nothing for an adapter of a few kilobytes.
 _IGNORED_PUSH_ARGUMENTS = ("use_temp_dir", "max_shard_size")
 
@@ -198,48 +222,77 @@ def _card_metadata(model: PeftModel) -> dict[str, Any]:
     return model.__dict__.get("card_metadata") or {}
 
 
-def _save_pretrained(self: PeftModel, save_directory: str, **kwargs: Any) -> None:
-    if not _holds_registers(self):
-        return _PEFT_METHODS["save_pretrained"](self, save_directory, **kwargs)
-    atomic_save(
-        self,
-        save_directory,
-        lambda folder, **options: _PEFT_METHODS["save_pretrained"](self, folder, **options),
-        **kwargs,
-    )
+def _peft_method(name: str) -> Callable[..., Any]:
+    """``PeftModel``'s own method ``name``, under the wrapper :func:`install_peft_model_methods` put in its place."""
+    method = getattr(PeftModel, name)
+    return getattr(method, "__wrapped__", method)
 
 
-def _create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-    if not _holds_registers(self):
-        return _PEFT_METHODS["create_or_update_model_card"](self, output_dir)
-    card = render_model_card(self, self.active_adapter, **_card_metadata(self))
-    card.save(os.path.join(output_dir, "README.md"))
+def _wrap_save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        if not _holds_registers(self):
+            return original(self, save_directory, *args, **kwargs)
+        bound = inspect.signature(original).bind(self, save_directory, *args, **kwargs)
+        options = {k: v for k, v in bound.arguments.items() if k not in ("self", "save_directory", "kwargs")}
+        options.update(bound.arguments.get("kwargs", {}))
+        if not options.get("is_main_process", True):
+            return original(self, save_directory, **options)  # writes nothing: the main process saves
+        selected = options.get("selected_adapters") or [self.active_adapter]
+
+        def save(folder: str, **settings: Any) -> None:
+            original(self, folder, **settings)
+            if len(selected) == 1:  # the card describes the adapter saved, not necessarily the active one
+                card = render_model_card(self, selected[0], **_card_metadata(self))
+                card.save(os.path.join(folder, "README.md"))
+
+        atomic_save(self, save_directory, save, **options)
+
+    return save_pretrained
 
 
-def _push_to_hub(self: PeftModel, repo_id: str, **kwargs: Any) -> Any:
-    if not _holds_registers(self):
-        return _PEFT_METHODS["push_to_hub"](self, repo_id, **kwargs)
-    if kwargs.pop("safe_serialization", True) is False:
-        raise InvalidConfigError(SAFETENSORS_ONLY)
-    for name in _IGNORED_PUSH_ARGUMENTS:
-        kwargs.pop(name, None)
-    return push_to_hub(self, repo_id, **{**_card_metadata(self), **kwargs})
+def _wrap_create_or_update_model_card(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        if not _holds_registers(self):
+            return original(self, output_dir)
+        card = render_model_card(self, self.active_adapter, **_card_metadata(self))
+        card.save(os.path.join(output_dir, "README.md"))
+
+    return create_or_update_model_card
+
+
+def _wrap_push_to_hub(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def push_to_hub_method(self: PeftModel, repo_id: str, **kwargs: Any) -> Any:
+        if not _holds_registers(self):
+            return original(self, repo_id, **kwargs)
+        if kwargs.pop("safe_serialization", True) is False:
+            raise InvalidConfigError(SAFETENSORS_ONLY)
+        for name in _IGNORED_PUSH_ARGUMENTS:
+            kwargs.pop(name, None)
+        given = {k: v for k, v in kwargs.items() if v is not None}  # None means "the default", as in PushToHubMixin
+        return push_to_hub(self, repo_id, **{**_card_metadata(self), **given})
+
+    return push_to_hub_method
 
 
 def install_peft_model_methods() -> None:
     """Make every ``PeftModel`` that holds register adapters, whether made by :func:`~register_adapter.add_registers`,
     ``get_peft_model``, ``PeftModel.from_pretrained`` or ``AutoPeftModel``, save atomically (:func:`atomic_save`),
     write the register model card (:func:`render_model_card`) and push with it (:func:`push_to_hub`). Models holding
-    other adapter types keep PEFT's behaviour. Idempotent.
+    other adapter types keep PEFT's behaviour: the wrappers hand them PEFT's own method with the same arguments.
+    Idempotent, also when this module is reloaded: PEFT's methods stay reachable as the wrappers' ``__wrapped__``.
     """
-    ours = {
-        "save_pretrained": _save_pretrained,
-        "create_or_update_model_card": _create_or_update_model_card,
-        "push_to_hub": _push_to_hub,
+    wrappers = {
+        "save_pretrained": _wrap_save_pretrained,
+        "create_or_update_model_card": _wrap_create_or_update_model_card,
+        "push_to_hub": _wrap_push_to_hub,
     }
-    for name, method in ours.items():
-        if getattr(getattr(PeftModel, name), "_register_adapter", False):
+    for name, wrap in wrappers.items():
+        current = getattr(PeftModel, name)
+        if getattr(current, "_register_adapter", False):
             continue
-        _PEFT_METHODS[name] = getattr(PeftModel, name)
-        method._register_adapter = True
-        setattr(PeftModel, name, method)
+        wrapper = wrap(current)
+        wrapper._register_adapter = True
+        setattr(PeftModel, name, wrapper)

@@ -4,6 +4,9 @@ adapter files that do not belong together are refused with a typed error."""
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,15 +106,6 @@ def test_weights_and_config_from_different_saves_are_refused(tmp_path):
         PeftModel.from_pretrained(classifier(), tmp_path / "four")
 
 
-def test_a_save_clears_what_a_killed_save_left_behind(tmp_path):
-    model = saved_adapter(tmp_path)
-    leftover = tmp_path / ".saving-killed"
-    leftover.mkdir()
-    (leftover / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
-    model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ADAPTER_FILES
-
-
 def test_one_config_object_serves_two_models_of_different_families():
     config = RegisterConfig(num_register_tokens=3)
     vit = get_peft_model(build_tiny_model("tiny-vit"), config)
@@ -187,3 +181,61 @@ def test_numpy_integers_are_whole_numbers():
     config = RegisterConfig(num_register_tokens=np.int64(4), lora_r=np.int32(2))
     assert (type(config.num_register_tokens), type(config.lora_r)) == (int, int)
     assert json.loads(json.dumps(config.to_dict()))["num_register_tokens"] == 4
+
+
+def test_peft_arguments_pass_positionally_for_register_and_other_adapters(tmp_path):
+    lora = get_peft_model(classifier(), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora", True, ["default"])
+    assert "adapter_model.safetensors" in os.listdir(tmp_path / "lora")
+    model = add_registers(classifier(), 2)
+    model.add_adapter("second", RegisterConfig(num_register_tokens=5))
+    model.save_pretrained(tmp_path / "regs", True, ["second"])  # safe_serialization, selected_adapters
+    assert sorted(os.listdir(tmp_path / "regs")) == ["README.md", "second"]
+    assert "# tiny-vit with 5 register tokens" in (tmp_path / "regs" / "README.md").read_text()
+
+
+def test_a_process_that_is_not_the_main_one_writes_nothing_and_leaves_running_saves_alone(tmp_path):
+    model = saved_adapter(tmp_path)
+    running = tmp_path / f".saving-{socket.gethostname()}-{os.getpid()}-abc123"  # this process: alive
+    killed = tmp_path / f".saving-{socket.gethostname()}-{dead_pid()}-def456"
+    for folder in (running, killed):
+        folder.mkdir()
+    model.save_pretrained(tmp_path, is_main_process=False)
+    assert sorted(os.listdir(tmp_path)) == sorted([*ADAPTER_FILES, running.name, killed.name])
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([*ADAPTER_FILES, running.name])
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_push_takes_the_push_to_hub_mixin_arguments(fake_hub, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    seen = {}
+    original = HfApi.create_commit
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, *a, **kw: seen.update(kw) or original(self, *a, **kw))
+    model = saved_adapter(tmp_path)
+    model.push_to_hub("org/tagged", tags=["demo"], commit_message=None, private=None)
+    assert seen["commit_message"] == "Upload register adapter"
+    card = (fake_hub.snapshot("org/tagged") / "README.md").read_text()
+    assert "- registers-trained\n- demo\n" in card
+
+
+def test_installing_the_peft_methods_twice_or_after_a_reload_keeps_one_wrapper(tmp_path):
+    import importlib
+
+    import register_adapter.hub as hub
+
+    wrapper = PeftModel.save_pretrained
+    hub.install_peft_model_methods()
+    importlib.reload(hub)
+    hub.install_peft_model_methods()
+    assert PeftModel.save_pretrained is wrapper
+    assert not hasattr(PeftModel.save_pretrained.__wrapped__, "__wrapped__")  # PEFT's own method under one wrapper
+    saved_adapter(tmp_path / "regs")
+    get_peft_model(classifier(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    assert sorted(os.listdir(tmp_path / "regs")) == ADAPTER_FILES
