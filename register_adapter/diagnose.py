@@ -127,7 +127,7 @@ def load_model(name: str, adapter: str | None, device: str) -> tuple[nn.Module, 
                 "built-in tiny model (tiny-vit, ...) or planted:<family>."
             ) from error
         try:
-            processor = transformers.AutoImageProcessor.from_pretrained(name)
+            processor = transformers.AutoImageProcessor.from_pretrained(name, backend="pil")  # no torchvision needed
         except (OSError, ValueError):
             processor = default_processor(model)
             logger.warning(
