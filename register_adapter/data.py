@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import torch
 
 from .errors import DataError
-from .images import rgb_image
+from .images import rgb_image, size_field
 
 logger = logging.getLogger(__name__)
 
@@ -492,11 +492,11 @@ def target_size(image_processor: Any) -> tuple[int, int]:
         size = image_processor.crop_size
     else:
         size = image_processor.size
-    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-    if get("height") and get("width"):
-        return int(get("height")), int(get("width"))
-    if get("shortest_edge"):
-        return int(get("shortest_edge")), int(get("shortest_edge"))
+    height, width, edge = (size_field(size, key) for key in ("height", "width", "shortest_edge"))
+    if height and width:
+        return int(height), int(width)
+    if edge:
+        return int(edge), int(edge)
     raise DataError(f"Cannot tell the output size of the image processor {type(image_processor).__name__}: {size}.")
 
 
@@ -590,7 +590,8 @@ class ImageClassificationTransform:
         return image
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        images = [rgb_image(image) for image in batch[IMAGE_COLUMN]]
+        # Decoded RGB images are used as they are: a full-size copy per image and step would only cost time.
+        images = [image if image.mode == "RGB" else rgb_image(image) for image in batch[IMAGE_COLUMN]]
         if self.train:
             images = [self.augment(image, int(i)) for image, i in zip(images, batch[SAMPLE_ID_COLUMN])]
             pixels = self.image_processor(images=images, do_resize=False, do_center_crop=False, return_tensors="pt")[

@@ -117,7 +117,7 @@ def _format_values(values: dict[str, Any] | None) -> dict[str, str]:
     return {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in (values or {}).items()}
 
 
-def atomic_save(model: PeftModel, save_directory: str | os.PathLike, save: Any, **kwargs: Any) -> None:
+def atomic_save(save_directory: str | os.PathLike, save: Any, **kwargs: Any) -> None:
     """Run ``save(tmp_dir, **kwargs)`` into a temporary folder inside ``save_directory``, then move each file into
     place with ``os.replace``, the config last: an interrupted save leaves the previous adapter files as they were.
 
@@ -242,11 +242,11 @@ def _wrap_save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
 
         def save(folder: str, **settings: Any) -> None:
             original(self, folder, **settings)
-            if len(selected) == 1:  # the card describes the adapter saved, not necessarily the active one
+            if selected != [self.active_adapter] and len(selected) == 1:  # PEFT's save described the active one
                 card = render_model_card(self, selected[0], **_card_metadata(self))
                 card.save(os.path.join(folder, "README.md"))
 
-        atomic_save(self, save_directory, save, **options)
+        atomic_save(save_directory, save, **options)
 
     return save_pretrained
 

@@ -247,7 +247,8 @@ def _image_size(image: Any) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _size_field(size: Any, key: str) -> Any:
+def size_field(size: Any, key: str) -> Any:
+    """``size[key]`` of an image processor's ``size`` or ``crop_size`` (a dict or a ``SizeDict``); ``None`` if unset."""
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
@@ -260,8 +261,8 @@ def _resized_size(processor: Any, image_size: tuple[int, int]) -> tuple[int, int
     if not getattr(processor, "do_resize", True):
         return image_size
     size = getattr(processor, "size", None)
-    field = {key: _size_field(size, key) for key in ("height", "width", "shortest_edge", "longest_edge")}
-    field.update(max_height=_size_field(size, "max_height"), max_width=_size_field(size, "max_width"))
+    field = {key: size_field(size, key) for key in ("height", "width", "shortest_edge", "longest_edge")}
+    field.update(max_height=size_field(size, "max_height"), max_width=size_field(size, "max_width"))
     if field["shortest_edge"] and field["longest_edge"]:
         return tuple(get_size_with_aspect_ratio(image_size, field["shortest_edge"], field["longest_edge"]))
     if field["shortest_edge"]:
@@ -298,7 +299,7 @@ def input_to_image(
         resized, top, left = input_size, 0.0, 0.0
     else:
         resized = _resized_size(processor, image_size)
-        expected = (_size_field(crop, "height"), _size_field(crop, "width"))
+        expected = (size_field(crop, "height"), size_field(crop, "width"))
         if resized is None or tuple(expected) != tuple(input_size):
             raise UnsupportedModelError(
                 f"Cannot map coordinates back to the images: {type(processor).__name__} (size={processor.size}, "

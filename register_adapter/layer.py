@@ -118,7 +118,7 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         else:
             tokens.normal_(std=1e-6)
 
-    def _active_tokens(self) -> tuple[torch.Tensor | None, bool]:
+    def active_tokens(self) -> tuple[torch.Tensor | None, bool]:
         """The tokens to insert now, (1, R, D), and whether to strip them; ``None`` when no adapter is active."""
         if self.disable_adapters:
             return None, False
@@ -143,7 +143,7 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
-        tokens, self._strip = self._active_tokens()
+        tokens, self._strip = self.active_tokens()
         if tokens is None:
             self.num_inserted = 0
             return output

@@ -107,7 +107,10 @@ def to_dinov2_with_registers(model: PeftModel) -> torch.nn.Module:
             f"to_dinov2_with_registers expects a register adapter on one of "
             f"{', '.join(sorted(_DINOV2_TO_NATIVE))} (or their Dinov2WithRegisters counterparts), got {name}."
         )
-    ours = torch.cat([layer.register_tokens[n] for n in layer.active_adapters], dim=1).detach()  # (1, R, D)
+    ours, _ = layer.active_tokens()  # (1, R, D)
+    if ours is None:
+        raise UnsupportedModelError("to_dinov2_with_registers needs an active register adapter; none is active.")
+    ours = ours.detach()
     native = getattr(layer.base_layer, "register_tokens", ours[:, :0]).detach()  # (1, R0, D)
     embeddings_key = tower.key("embeddings")
     state = {}

@@ -77,7 +77,14 @@ from .tiny import TINY_MODELS, build_tiny_model, tiny_image_size
 logger = logging.getLogger(__name__)
 
 # RegisterConfig fields that are filled in from the model or by this module, not chosen on the command line.
-_AUTOMATIC_REGISTER_FIELDS = ("family", "hidden_size", "target_modules", "modules_to_save", "method")
+_AUTOMATIC_REGISTER_FIELDS = (
+    "family",
+    "hidden_size",
+    "native_register_tokens",
+    "target_modules",
+    "modules_to_save",
+    "method",
+)
 # Adapter settings that change the trainable parameters: a checkpoint saved with other values cannot be resumed.
 _RESUME_FIELDS = ("num_register_tokens", "lora_r", "lora_target_modules", "modules_to_save")
 
@@ -516,7 +523,7 @@ def _training_summary(
 ) -> dict[str, Any]:
     summary = {
         "base model": model_args.model,
-        **{name: getattr(register_args, name) for name in (f.name for f in dataclasses.fields(register_args))},
+        **dataclasses.asdict(register_args),
         "training images": len(splits["train"]),
         "validation images": len(splits["validation"]) if "validation" in splits else 0,
         "classes": splits["train"].features[LABEL_COLUMN].num_classes,
@@ -578,8 +585,7 @@ def train(
         check_metric_for_best_model(training_args.metric_for_best_model, len(labels))
 
     model, image_processor = load_model(model_args, labels)
-    register_kwargs = {f.name: getattr(register_args, f.name) for f in dataclasses.fields(register_args)}
-    model = add_registers(model, modules_to_save=head_modules(model), **register_kwargs)
+    model = add_registers(model, modules_to_save=head_modules(model), **dataclasses.asdict(register_args))
     if resume is not None:
         check_resume_config(resume, model.peft_config["default"])
     if training_args.should_log:

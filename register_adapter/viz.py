@@ -56,15 +56,10 @@ class PatchViews:
     pca: np.ndarray
 
 
-def _root(model: nn.Module) -> nn.Module:
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 @contextlib.contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """Switch ``model`` to eager attention (the only implementation that returns attention weights), then back."""
-    root = _root(model)
+    root = find_vision_tower(model).root
     previous = root.config._attn_implementation
     root.set_attn_implementation("eager")
     try:

@@ -238,24 +238,17 @@ def test_missing_label_column_is_reported(tmp_path):
         load_image_dataset(dataset_name=path, image_column="img")
 
 
-def test_missing_split_is_reported(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "split", "flag"),
+    [("train_split", "training", "--train_split"), ("validation_split", "tset", "--validation_split")],
+)
+def test_missing_split_is_reported_not_replaced(tmp_path, option, split, flag):
     path = _saved_dataset(tmp_path)
     with pytest.raises(
         DataError,
-        match=rf"^The dataset {re.escape(repr(path))} has no split 'training' \(--train_split\). "
-        r"Available splits: train, test.$",
+        match=rf"^The dataset {re.escape(repr(path))} has no split '{split}' \({flag}\). Available splits: train, test.$",
     ):
-        load_image_dataset(dataset_name=path, train_split="training", image_column="img", label_column="fine_label")
-
-
-def test_mistyped_validation_split_is_reported_not_replaced_by_a_hold_out(tmp_path):
-    path = _saved_dataset(tmp_path)
-    with pytest.raises(
-        DataError,
-        match=rf"^The dataset {re.escape(repr(path))} has no split 'tset' \(--validation_split\). "
-        r"Available splits: train, test.$",
-    ):
-        load_image_dataset(dataset_name=path, validation_split="tset", image_column="img", label_column="fine_label")
+        load_image_dataset(dataset_name=path, image_column="img", label_column="fine_label", **{option: split})
 
 
 def test_validation_split_defaults_to_the_datasets_validation_split_if_it_has_one(tmp_path):
