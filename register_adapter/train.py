@@ -597,7 +597,10 @@ def train(
     _check_images(splits, data_args, training_args)
     train_transform = apply_transforms(splits, image_processor, seed=seed, augment=data_args.augment)
 
-    push = training_args.push_to_hub
+    if training_args.dataloader_persistent_workers:
+        logger.warning(
+            "--dataloader_persistent_workers is turned off: workers would keep the first epoch's augmentation."
+        )
     # Persistent data-loader workers keep their own copy of the transform and would never see the new epoch that
     # _AugmentationEpoch sets, so every epoch would get the same augmentation.
     overrides: dict[str, Any] = {
@@ -643,7 +646,7 @@ def train(
         card.save(os.path.join(args.output_dir, "README.md"))
         # The base model's config holds the labels (id2label); the Trainer saved the processor's config.
         peft_model.get_base_model().config.save_pretrained(args.output_dir)
-        if push:
+        if hub_repo_id is not None:
             url = push_to_hub(
                 peft_model,
                 hub_repo_id,

@@ -279,8 +279,14 @@ def test_max_train_samples_are_drawn_at_random_with_the_data_seed(images, tmp_pa
     args = ["--max_steps", "1", "--train_val_split", "0", "--max_train_samples", "4", "--data_seed", "3"]
     rows = train(*parse_args(cli_args(images, tmp_path / "out", *args))).train_dataset.with_format(None)
     assert len(rows) == 4 and set(rows["label"]) == {0, 1}
-    again = train(*parse_args(cli_args(images, tmp_path / "again", *args))).train_dataset.with_format(None)
-    assert list(again["sample_id"]) == list(rows["sample_id"])
+
+    def drawn(out, *options):
+        dataset = train(*parse_args(cli_args(images, tmp_path / out, *args, *options))).train_dataset
+        return list(dataset.with_format(None)["sample_id"])
+
+    # The draw follows --data_seed, not --seed: the same rows under another --seed, others under another --data_seed.
+    assert drawn("again", "--seed", "7") == list(rows["sample_id"])
+    assert drawn("other", "--data_seed", "4") != list(rows["sample_id"])
 
 
 RESUME_CASES = {
