@@ -42,7 +42,7 @@ def build_model(name: str, num_labels: int) -> torch.nn.Module:
     """A random ViT-S/16 for ``vit-small``, else the model that ``register-adapter train --model name`` trains."""
     import transformers
 
-    from register_adapter.train import ModelArguments, load_model
+    from register_adapter.loading import load_model
 
     if name == "vit-small":
         config = transformers.ViTConfig(
@@ -51,13 +51,13 @@ def build_model(name: str, num_labels: int) -> torch.nn.Module:
         )  # fmt: skip
         torch.manual_seed(0)
         return transformers.ViTForImageClassification(config)
-    return load_model(ModelArguments(model=name), [f"class {i}" for i in range(num_labels)])[0]
+    return load_model(name, "classification", labels=[f"class {i}" for i in range(num_labels)])[0]
 
 
 def measure(setup: str, options: dict, results: multiprocessing.Queue) -> None:
     """Train ``options["steps"]`` steps of ``setup`` and put images/s and peak memory into ``results``."""
     from register_adapter import add_registers
-    from register_adapter.train import head_modules
+    from register_adapter.training.classification import head_modules
 
     torch.set_num_threads(options["threads"])
     device = torch.device(options["device"])

@@ -1,40 +1,62 @@
 """register_adapter: register tokens for any Hugging Face vision transformer, as a PEFT method.
 
 Importing the package makes the ``REGISTERS`` PEFT type known to ``peft`` (``get_peft_model``,
-``PeftModel.from_pretrained``, ``AutoPeftModel``) and to transformers' ``add_adapter`` / ``load_adapter``.
+``PeftModel.from_pretrained``, ``AutoPeftModel``) and to transformers' ``add_adapter`` / ``load_adapter``; see
+:mod:`register_adapter.peft_integration` for what that touches. The public names below are imported on first use, so
+``import register_adapter`` (and ``register-adapter --help``) loads no model code.
 """
 
-from .architectures import FamilySpec, VisionTower, find_vision_tower, register_family, supported_model_types
-from .config import REGISTERS, RegisterConfig
-from .diagnostics import ArtifactReport, find_artifacts
-from .discovery import corloc, discover_objects
-from .errors import (
-    AdapterFilesError,
-    AdapterMismatchError,
-    DataError,
-    InvalidConfigError,
-    MergeNotSupportedError,
-    RegisterAdapterError,
-    UnsupportedModelError,
-)
-from .layer import RegisterLayer
-from .model import RegisterModel, add_registers, register_peft_type
-from .native import from_dinov2_with_registers, to_dinov2_with_registers
-from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import peft_integration
 
 __version__ = "0.1.0"
 
-register_peft_type()
+# public name -> the module that defines it
+_EXPORTS = {
+    "REGISTERS": "peft_integration",
+    "AdapterFilesError": "errors",
+    "AdapterMismatchError": "errors",
+    "DataError": "errors",
+    "IncompatibleVersionsError": "errors",
+    "InvalidConfigError": "errors",
+    "MergeNotSupportedError": "errors",
+    "RegisterAdapterError": "errors",
+    "UnsupportedModelError": "errors",
+    "FamilySpec": "architectures",
+    "VisionTower": "architectures",
+    "find_vision_tower": "architectures",
+    "register_family": "architectures",
+    "supported_model_types": "architectures",
+    "TokenGroups": "tokens",
+    "TokenLayout": "tokens",
+    "split_tokens": "tokens",
+    "token_layout": "tokens",
+    "RegisterConfig": "tuner",
+    "RegisterLayer": "tuner",
+    "RegisterModel": "tuner",
+    "add_registers": "tuner",
+    "from_dinov2_with_registers": "methods",
+    "to_dinov2_with_registers": "methods",
+    "ArtifactReport": "diagnostics",
+    "corloc": "diagnostics",
+    "discover_objects": "diagnostics",
+    "find_artifacts": "diagnostics",
+}
 
 __all__ = [
-    "REGISTERS",
     "AdapterFilesError",
     "AdapterMismatchError",
     "ArtifactReport",
     "DataError",
     "FamilySpec",
+    "IncompatibleVersionsError",
     "InvalidConfigError",
     "MergeNotSupportedError",
+    "REGISTERS",
     "RegisterAdapterError",
     "RegisterConfig",
     "RegisterLayer",
@@ -51,9 +73,42 @@ __all__ = [
     "find_vision_tower",
     "from_dinov2_with_registers",
     "register_family",
-    "register_peft_type",
     "split_tokens",
     "supported_model_types",
     "to_dinov2_with_registers",
     "token_layout",
 ]
+
+peft_integration.install()
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'register_adapter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:
+    from .architectures import FamilySpec, VisionTower, find_vision_tower, register_family, supported_model_types
+    from .diagnostics import ArtifactReport, corloc, discover_objects, find_artifacts
+    from .errors import (
+        AdapterFilesError,
+        AdapterMismatchError,
+        DataError,
+        IncompatibleVersionsError,
+        InvalidConfigError,
+        MergeNotSupportedError,
+        RegisterAdapterError,
+        UnsupportedModelError,
+    )
+    from .methods import from_dinov2_with_registers, to_dinov2_with_registers
+    from .peft_integration import REGISTERS
+    from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout
+    from .tuner import RegisterConfig, RegisterLayer, RegisterModel, add_registers

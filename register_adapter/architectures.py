@@ -1,5 +1,5 @@
-"""One table of per-family facts: where the embeddings live, how many tokens come before the registers, and where
-registers have to be removed again.
+"""One table of per-family facts: where the embeddings, position embeddings, patch embedding, blocks, attention and
+MLP projections live, how many tokens come before the registers, and where registers have to be removed again.
 
 Adding a family is one row: build a :class:`FamilySpec` and pass it to :func:`register_family`.
 
@@ -64,6 +64,11 @@ class FamilySpec:
         spatial_heads: Class names of the models around the tower whose head lays the tower's output out on the patch
             grid (masked-image-modeling decoders, the MAE decoder). Registers are removed before them even with
             ``strip_registers=False``: they are not patches.
+        attention: Dotted paths, inside one block, of the query, key and value projections.
+        patch_embedding: Dotted path, inside the embeddings, of the patch embedding (a ``Conv2d``; SigLIP2's is a
+            ``Linear`` on pre-patchified pixels).
+        position_embeddings: Dotted path, inside the embeddings, of the learned position table: an ``nn.Parameter``
+            or an ``nn.Embedding``; ``None`` for families that rotate queries and keys instead (DINOv3's RoPE).
     """
 
     name: str
@@ -80,9 +85,20 @@ class FamilySpec:
     native_register_attribute: str | None = None
     image_input: bool = True
     spatial_heads: tuple[str, ...] = ()
+    attention: tuple[str, str, str] = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+    patch_embedding: str = "patch_embeddings.projection"
+    position_embeddings: str | None = "position_embeddings"
 
 
 _VIT_LIKE = {"layers": "layers", "strip_at": "layernorm", "mlp_out_proj": ("mlp.fc2",)}
+_CLIP_LIKE = {
+    "layers": "encoder.layers",
+    "mlp_out_proj": ("mlp.fc2",),
+    "mask_argument": None,
+    "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "patch_embedding": "patch_embedding",
+    "position_embeddings": "position_embedding",
+}
 _DINO = {
     "layers": "encoder.layer",
     "strip_at": "layernorm",
@@ -139,36 +155,27 @@ for _spec in (
         num_prefix_tokens=_cls_and_native_registers,
         mask_argument=None,
         native_register_attribute="register_tokens",
+        patch_embedding="patch_embeddings",
+        position_embeddings=None,
     ),
-    FamilySpec(
-        name="clip",
-        model_types=("clip_vision_model",),
-        layers="encoder.layers",
-        strip_at="encoder",
-        mlp_out_proj=("mlp.fc2",),
-        mask_argument=None,
-    ),
+    FamilySpec(name="clip", model_types=("clip_vision_model",), strip_at="encoder", **_CLIP_LIKE),
     FamilySpec(
         name="siglip",
         model_types=("siglip_vision_model",),
-        layers="encoder.layers",
         strip_at="post_layernorm",
-        mlp_out_proj=("mlp.fc2",),
         num_prefix_tokens=_no_prefix,
         has_cls=False,
-        mask_argument=None,
+        **_CLIP_LIKE,
     ),
     FamilySpec(
         name="siglip2",
         model_types=("siglip2_vision_model",),
-        layers="encoder.layers",
         strip_at="post_layernorm",
-        mlp_out_proj=("mlp.fc2",),
         num_prefix_tokens=_no_prefix,
         has_cls=False,
-        mask_argument="pixel_attention_mask",
         unpad_mask_at=("head",),
         image_input=False,
+        **{**_CLIP_LIKE, "mask_argument": "pixel_attention_mask"},
     ),
     FamilySpec(
         name="aimv2",
@@ -179,6 +186,8 @@ for _spec in (
         num_prefix_tokens=_no_prefix,
         has_cls=False,
         mask_argument=None,
+        patch_embedding="patch_embed",
+        position_embeddings="position_embedding",
     ),
 ):
     register_family(_spec)
@@ -255,6 +264,26 @@ class VisionTower:
     def key(self, path: str) -> str:
         """The dotted name, in the model given to :func:`find_vision_tower`, of ``path`` inside the tower."""
         return f"{self.path}.{path}" if self.path else path
+
+    ATTENTION_KINDS = ("queries", "keys", "values")
+
+    def attention_projection(self, block: nn.Module, kind: str) -> nn.Module:
+        """The ``"queries"``, ``"keys"`` or ``"values"`` projection of ``block`` (a LoRA layer around it, if any)."""
+        return block.get_submodule(self.spec.attention[self.ATTENTION_KINDS.index(kind)])
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        """The patch embedding (see ``FamilySpec.patch_embedding``)."""
+        return self.embeddings.get_submodule(self.spec.patch_embedding)
+
+    @property
+    def position_embeddings(self) -> nn.Parameter | None:
+        """The learned position table as a parameter (an ``nn.Embedding``'s weight), ``None`` without one."""
+        if self.spec.position_embeddings is None:
+            return None
+        owner, _, name = self.spec.position_embeddings.rpartition(".")
+        table = getattr(self.embeddings.get_submodule(owner) if owner else self.embeddings, name)
+        return table.weight if isinstance(table, nn.Embedding) else table
 
     def mlp_out_proj(self, block: nn.Module) -> nn.Module:
         """The MLP output projection of ``block``; its input is the MLP hidden activation."""

@@ -33,3 +33,7 @@ class MergeNotSupportedError(RegisterAdapterError, NotImplementedError):
 
 class DataError(RegisterAdapterError, ValueError):
     """Input images or datasets are missing, empty, unreadable or lack a required column."""
+
+
+class IncompatibleVersionsError(RegisterAdapterError, ImportError):
+    """The installed transformers and peft are known not to work together."""

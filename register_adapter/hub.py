@@ -1,15 +1,15 @@
-"""Model cards, atomic saves and Hub pushes for register adapters."""
+"""Model cards and Hub pushes for register adapters.
+
+A push builds the adapter and its card in a temporary folder and uploads it in one commit, as timm's
+``push_to_hf_hub`` does.
+"""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import re
-import shutil
-import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -17,21 +17,12 @@ import transformers
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 
-from .config import RegisterConfig
 from .errors import InvalidConfigError
+from .peft_integration import peft_method
+from .tuner.config import METHODS, RegisterConfig
 
 CARD_TEMPLATE = "adapter_card.md"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-STALE_SAVE_PREFIX = ".saving-"
-SAFETENSORS_ONLY = (
-    "Register adapters are saved as safetensors only (adapter_model.safetensors): a pickled adapter_model.bin can run "
-    "code when it is loaded. Leave safe_serialization at its default (True)."
-)
-METHOD_DESCRIPTIONS = {
-    "trained": "trained registers ([arXiv 2309.16588](https://arxiv.org/abs/2309.16588))",
-    "distilled": "post-hoc self-distilled registers, PH-Reg ([arXiv 2505.21501](https://arxiv.org/abs/2505.21501))",
-    "test-time": "training-free test-time registers ([arXiv 2506.08010](https://arxiv.org/abs/2506.08010))",
-}
 
 
 def _register_config(model: PeftModel, adapter_name: str) -> RegisterConfig:
@@ -96,7 +87,7 @@ def render_model_card(
             family=config.family,
             num_register_tokens=config.num_register_tokens,
             method=config.method,
-            method_description=METHOD_DESCRIPTIONS.get(config.method, config.method),
+            method_description=METHODS[config.method],
             strip_registers="yes" if config.strip_registers else "no",
             lora=lora,
             modules_to_save=", ".join(f"`{name}`" for name in config.modules_to_save or []),
@@ -115,50 +106,6 @@ def _is_hub_id(name: str) -> bool:
 
 def _format_values(values: dict[str, Any] | None) -> dict[str, str]:
     return {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in (values or {}).items()}
-
-
-def atomic_save(save_directory: str | os.PathLike, save: Any, **kwargs: Any) -> None:
-    """Run ``save(tmp_dir, **kwargs)`` into a temporary folder inside ``save_directory``, then move each file into
-    place with ``os.replace``, the config last: an interrupted save leaves the previous adapter files as they were.
-
-    Raises:
-        InvalidConfigError: ``safe_serialization=False`` (register adapters are only saved as safetensors).
-    """
-    if kwargs.get("safe_serialization", True) is False:
-        raise InvalidConfigError(SAFETENSORS_ONLY)
-    save_directory = os.fspath(save_directory)
-    os.makedirs(save_directory, exist_ok=True)
-    _remove_killed_saves(save_directory)
-    prefix = f"{STALE_SAVE_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-    with tempfile.TemporaryDirectory(dir=save_directory, prefix=prefix) as tmp:
-        save(tmp, **kwargs)
-        for root, _, files in os.walk(tmp):
-            relative = os.path.relpath(root, tmp)
-            target_dir = os.path.normpath(os.path.join(save_directory, relative))
-            os.makedirs(target_dir, exist_ok=True)
-            # The config goes last so that a loader never sees a new config next to old weights.
-            for name in sorted(files, key=lambda n: n == "adapter_config.json"):
-                os.replace(os.path.join(root, name), os.path.join(target_dir, name))
-
-
-def _remove_killed_saves(save_directory: str) -> None:
-    """Remove the temporary folders of saves into ``save_directory`` whose process, on this host, no longer runs."""
-    host = socket.gethostname()
-    for name in os.listdir(save_directory):
-        found = re.fullmatch(rf"{re.escape(STALE_SAVE_PREFIX)}(.+)-(\d+)-[^-]+", name)
-        if found is None or found[1] != host or _process_runs(int(found[2])):
-            continue
-        shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
-
-
-def _process_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def push_to_hub(
@@ -187,7 +134,7 @@ def push_to_hub(
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        _peft_method("save_pretrained")(model, tmp, selected_adapters=[adapter_name])
+        peft_method("save_pretrained")(model, tmp, selected_adapters=[adapter_name])
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
         card = render_model_card(model, adapter_name, repo_id=repo_id, metrics=metrics, training=training, tags=tags)
         card.save(os.path.join(folder, "README.md"))
@@ -208,91 +155,3 @@ def push_to_hub(
             create_pr=create_pr,
         )
     return info.commit_url
-
-
-# PushToHubMixin arguments that mean nothing for an adapter of a few kilobytes.
-_IGNORED_PUSH_ARGUMENTS = ("use_temp_dir", "max_shard_size")
-
-
-def _holds_registers(model: PeftModel) -> bool:
-    return any(isinstance(config, RegisterConfig) for config in model.peft_config.values())
-
-
-def _card_metadata(model: PeftModel) -> dict[str, Any]:
-    return model.__dict__.get("card_metadata") or {}
-
-
-def _peft_method(name: str) -> Callable[..., Any]:
-    """``PeftModel``'s own method ``name``, under the wrapper :func:`install_peft_model_methods` put in its place."""
-    method = getattr(PeftModel, name)
-    return getattr(method, "__wrapped__", method)
-
-
-def _wrap_save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        if not _holds_registers(self):
-            return original(self, save_directory, *args, **kwargs)
-        bound = inspect.signature(original).bind(self, save_directory, *args, **kwargs)
-        options = {k: v for k, v in bound.arguments.items() if k not in ("self", "save_directory", "kwargs")}
-        options.update(bound.arguments.get("kwargs", {}))
-        if not options.get("is_main_process", True):
-            return original(self, save_directory, **options)  # writes nothing: the main process saves
-        selected = options.get("selected_adapters") or [self.active_adapter]
-
-        def save(folder: str, **settings: Any) -> None:
-            original(self, folder, **settings)
-            if selected != [self.active_adapter] and len(selected) == 1:  # PEFT's save described the active one
-                card = render_model_card(self, selected[0], **_card_metadata(self))
-                card.save(os.path.join(folder, "README.md"))
-
-        atomic_save(save_directory, save, **options)
-
-    return save_pretrained
-
-
-def _wrap_create_or_update_model_card(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        if not _holds_registers(self):
-            return original(self, output_dir)
-        card = render_model_card(self, self.active_adapter, **_card_metadata(self))
-        card.save(os.path.join(output_dir, "README.md"))
-
-    return create_or_update_model_card
-
-
-def _wrap_push_to_hub(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def push_to_hub_method(self: PeftModel, repo_id: str, **kwargs: Any) -> Any:
-        if not _holds_registers(self):
-            return original(self, repo_id, **kwargs)
-        if kwargs.pop("safe_serialization", True) is False:
-            raise InvalidConfigError(SAFETENSORS_ONLY)
-        for name in _IGNORED_PUSH_ARGUMENTS:
-            kwargs.pop(name, None)
-        given = {k: v for k, v in kwargs.items() if v is not None}  # None means "the default", as in PushToHubMixin
-        return push_to_hub(self, repo_id, **{**_card_metadata(self), **given})
-
-    return push_to_hub_method
-
-
-def install_peft_model_methods() -> None:
-    """Make every ``PeftModel`` that holds register adapters, whether made by :func:`~register_adapter.add_registers`,
-    ``get_peft_model``, ``PeftModel.from_pretrained`` or ``AutoPeftModel``, save atomically (:func:`atomic_save`),
-    write the register model card (:func:`render_model_card`) and push with it (:func:`push_to_hub`). Models holding
-    other adapter types keep PEFT's behaviour: the wrappers hand them PEFT's own method with the same arguments.
-    Idempotent, also when this module is reloaded: PEFT's methods stay reachable as the wrappers' ``__wrapped__``.
-    """
-    wrappers = {
-        "save_pretrained": _wrap_save_pretrained,
-        "create_or_update_model_card": _wrap_create_or_update_model_card,
-        "push_to_hub": _wrap_push_to_hub,
-    }
-    for name, wrap in wrappers.items():
-        current = getattr(PeftModel, name)
-        if getattr(current, "_register_adapter", False):
-            continue
-        wrapper = wrap(current)
-        wrapper._register_adapter = True
-        setattr(PeftModel, name, wrapper)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import find_vision_tower
-from .layer import RegisterLayer
+from .architectures import VisionTower, find_vision_tower
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,12 @@ class TokenGroups:
     patches: torch.Tensor
 
 
-def token_layout(model: nn.Module) -> TokenLayout:
-    """The layout of the sequence that ``model`` runs on now (the active adapter's registers included)."""
-    tower = find_vision_tower(model)
+def token_layout(model: nn.Module | VisionTower) -> TokenLayout:
+    """The layout of the sequence that ``model`` (or its vision tower) runs on now (the active adapter's registers
+    included)."""
+    tower = model if isinstance(model, VisionTower) else find_vision_tower(model)
     embeddings = tower.embeddings
-    registers = embeddings.num_active_registers if isinstance(embeddings, RegisterLayer) else 0
+    registers = getattr(embeddings, "num_active_registers", 0)  # a RegisterLayer's, 0 for plain embeddings
     native = tower.num_native_registers
     return TokenLayout(
         num_prefix_tokens=tower.num_prefix_tokens - native,

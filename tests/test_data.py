@@ -13,22 +13,12 @@ import pytest
 import torch
 from transformers import CLIPImageProcessorPil, EvalPrediction, ViTImageProcessorPil
 
-from register_adapter.data import (
-    ImageClassificationTransform,
-    apply_transforms,
-    check_images,
-    check_labels,
-    drop_unreadable_images,
-    find_unreadable_images,
-    image_extensions,
-    load_image_dataset,
-    load_image_folder,
-    random_resized_crop_box,
-    take_samples,
-)
 from register_adapter.errors import DataError
-from register_adapter.images import rgb_image
-from register_adapter.metrics import ClassificationMetrics, top_k_predictions
+from register_adapter.images import image_extensions, rgb_image
+from register_adapter.sources import check_images, drop_unreadable_images, find_unreadable_images
+from register_adapter.training.augment import ImageClassificationTransform, apply_transforms, random_resized_crop_box
+from register_adapter.training.data import check_labels, load_image_dataset, load_image_folder, take_samples
+from register_adapter.training.metrics import ClassificationMetrics, top_k_predictions
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
 
@@ -79,7 +69,7 @@ def test_class_folders_without_images_are_not_classes(tmp_path, caplog):
     root = make_image_folder(tmp_path / "train", classes=("blue", "red"), per_class=2)
     (root / "zebra").mkdir()
     (root / "zebra" / "readme.txt").write_text("photos to come")
-    with caplog.at_level(logging.WARNING, logger="register_adapter.data"):
+    with caplog.at_level(logging.WARNING, logger="register_adapter"):
         dataset = load_image_folder(root)
     assert dataset.features["label"].names == ["blue", "red"]
     assert dataset["label"] == [0, 0, 1, 1]
@@ -326,7 +316,7 @@ def test_bad_labels_are_skipped_with_a_warning(tmp_path, caplog):
     path = save_labelled_dataset(
         tmp_path, {"train": BAD_LABELS[:30] + [None, -1, 5]}, datasets.ClassLabel(num_classes=2)
     )
-    with caplog.at_level(logging.WARNING, logger="register_adapter.data"):
+    with caplog.at_level(logging.WARNING, logger="register_adapter"):
         splits = load_image_dataset(dataset_name=path, on_bad_label="skip", train_val_split=0)
     assert splits["train"]["label"] == BAD_LABELS[:30]
     assert "Skipping them: 3 of 33 train rows have no label or a label outside 0..1 (2 classes): rows 30, 31, 32." in (
@@ -375,7 +365,7 @@ def test_corrupt_image_in_the_middle_stops_before_training(tmp_path):
 
 def test_corrupt_image_is_skipped_with_a_warning(tmp_path, caplog):
     dataset, corrupt = _folder_with_corrupt_image(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="register_adapter.data"):
+    with caplog.at_level(logging.WARNING, logger="register_adapter"):
         kept = check_images(dataset, on_bad_image="skip")
     assert len(kept) == 7
     assert str(corrupt) not in [image.filename for image in kept["image"]]

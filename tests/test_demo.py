@@ -2,7 +2,7 @@
 
 import os
 
-from register_adapter.demo import run
+from register_adapter.cli.demo import run
 
 
 def test_demo_trains_saves_and_reloads_identically(tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from register_adapter import add_registers
 from register_adapter.cli import main as cli_main
-from register_adapter.diagnose import main
+from register_adapter.cli.diagnose import main
 from register_adapter.diagnostics import find_artifacts
 from register_adapter.images import load_image
 from register_adapter.testing import make_artifact_model, make_object_images
@@ -79,7 +79,7 @@ def test_adapter_before_and_after(saved, tmp_path, monkeypatch):
         decoded.append(path)
         return load_image(path, **kwargs)
 
-    monkeypatch.setattr("register_adapter.images.load_image", counting_load_image)
+    monkeypatch.setattr("register_adapter.pixels.load_image", counting_load_image)
     assert (
         main(
             [
@@ -134,7 +134,7 @@ def no_model(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("register_adapter.diagnose.load_model", load_model)
+    monkeypatch.setattr("register_adapter.cli.diagnose.load_model", load_model)
 
 
 def run_error(argv, capsys):

@@ -12,11 +12,11 @@ from transformers import BitImageProcessorPil
 
 from register_adapter import add_registers
 from register_adapter.diagnostics import find_artifacts
+from register_adapter.diagnostics.thresholds import bimodal_threshold, check_threshold, resolve_threshold
+from register_adapter.diagnostics.viz import patch_views
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
 from register_adapter.testing import make_artifact_model, make_object_images
-from register_adapter.thresholds import bimodal_threshold, check_threshold, resolve_threshold
 from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
-from register_adapter.viz import patch_views
 
 FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
 # Families whose tiny model find_artifacts reads (BEiT/Data2VecVision are refused by the core; ViTMAE drops patches;

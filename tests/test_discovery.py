@@ -12,7 +12,7 @@ from transformers import CLIPImageProcessorPil, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from register_adapter import add_registers
-from register_adapter.discovery import box_iou, corloc, discover_objects, lost
+from register_adapter.diagnostics.discovery import box_iou, corloc, discover_objects, lost
 from register_adapter.errors import InvalidConfigError
 from register_adapter.testing import make_object_images
 

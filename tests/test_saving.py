@@ -22,7 +22,7 @@ from register_adapter import (
     add_registers,
     from_dinov2_with_registers,
 )
-from register_adapter.hub import SAFETENSORS_ONLY
+from register_adapter.saving import SAFETENSORS_ONLY
 from register_adapter.tiny import build_tiny_model
 
 X = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
@@ -228,7 +228,7 @@ def test_push_takes_the_push_to_hub_mixin_arguments(fake_hub, tmp_path, monkeypa
 def test_saves_still_work_after_installing_twice_and_after_a_module_reload(tmp_path):
     import importlib
 
-    import register_adapter.hub as hub
+    import register_adapter.peft_integration as hub
 
     hub.install_peft_model_methods()
     importlib.reload(hub)

@@ -8,7 +8,8 @@ import torch
 from scipy import ndimage
 from testing_common import hidden_patch_norms, planted_model
 
-from register_adapter.discovery import patch_features
+from register_adapter import find_vision_tower
+from register_adapter.diagnostics.discovery import patch_features
 from register_adapter.errors import UnsupportedModelError
 from register_adapter.testing import FULL_STRENGTH_FRACTION, make_artifact_model, make_object_images
 
@@ -123,7 +124,7 @@ def test_oracle_features_are_flip_and_shift_equivariant(planted, scene):
     pixel_values = planted.preprocess(scene.images[:4])
 
     def features(model, x):
-        return patch_features(model, x, "tokens").reshape(len(x), 16, 16, -1)  # (B, h, w, D)
+        return patch_features(find_vision_tower(model), x, "tokens").reshape(len(x), 16, 16, -1)  # (B, h, w, D)
 
     def cosine(a, b):
         return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()

@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from test_data import BAD_LABELS, make_image_folder, save_labelled_dataset
 
 from register_adapter import RegisterLayer
+from register_adapter.cli.train import main
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
 from register_adapter.tiny import build_tiny_model
-from register_adapter.train import check_metric_for_best_model, main, parse_args, train
+from register_adapter.training.classification import check_metric_for_best_model, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -162,7 +163,7 @@ KILL_AT_STEP = 4
 KILLED_RUN = """
 import os, signal, sys
 from transformers import TrainerCallback
-import register_adapter.train as train_module
+import register_adapter.training.classification as train_module
 from register_adapter.cli import main
 
 
@@ -252,7 +253,7 @@ def test_bad_label_stops_the_cli_before_training_or_is_skipped(tmp_path, caplog)
 
 
 def load_folder_as_saved_dataset(tmp_path: Path) -> str:
-    from register_adapter.data import load_image_folder
+    from register_adapter.training.data import load_image_folder
 
     root = make_image_folder(tmp_path / "images", per_class=2)
     path = str(tmp_path / "saved")
@@ -406,7 +407,7 @@ PUSH_CASES = {
 @pytest.mark.parametrize(("extra", "message"), PUSH_CASES.values(), ids=PUSH_CASES)
 def test_push_to_hub_that_cannot_work_stops_before_training(images, tmp_path, monkeypatch, extra, message):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("register_adapter.train.get_token", lambda: None)
+    monkeypatch.setattr("register_adapter.training.runtime.get_token", lambda: None)
     out = tmp_path / "out"
     args = cli_args(images, out, "--max_steps", "2", "--push_to_hub", "--hub_model_id", "org/regs", *extra)
     with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
@@ -465,7 +466,7 @@ def test_best_model_loading_defaults_on_only_where_every_saved_checkpoint_is_eva
 
 
 def test_best_model_loading_left_off_for_incompatible_strategies_says_why(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="register_adapter.train"):
+    with caplog.at_level(logging.WARNING, logger="register_adapter.training"):
         training_args(tmp_path, "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "epoch")
     assert (
         "Not loading the best checkpoint at the end: --load_best_model_at_end needs every saved checkpoint evaluated, "

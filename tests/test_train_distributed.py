@@ -12,7 +12,7 @@ import torch
 from test_data import make_image_folder
 from test_train import cli_args, registers, saved_registers
 
-from register_adapter.train import parse_args, train
+from register_adapter.training.classification import parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # holds at the end of training and how many images it opened in the check before training.
 RECORDING_RUN = """
 import os, sys, torch
-import register_adapter.data as data_module
-import register_adapter.train as train_module
+import register_adapter.sources as data_module
+import register_adapter.training.classification as train_module
 from register_adapter import RegisterLayer
 from register_adapter.cli import main
 
 opened = []
-image_problem = data_module._image_problem
+image_problem = data_module._stored_image_problem
 
 
 def counting_image_problem(value, check):
@@ -34,7 +34,7 @@ def counting_image_problem(value, check):
     return image_problem(value, check)
 
 
-data_module._image_problem = counting_image_problem
+data_module._stored_image_problem = counting_image_problem
 
 
 class RecordingTrainer(train_module.Trainer):

@@ -23,12 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from register_adapter.diagnose import PLANTED_SIZES
 from register_adapter.diagnostics import find_artifacts
-from register_adapter.discovery import corloc, discover_objects
-from register_adapter.images import load_image
-from register_adapter.testing import make_artifact_model, make_object_images
-from register_adapter.viz import (
+from register_adapter.diagnostics.discovery import corloc, discover_objects
+from register_adapter.diagnostics.viz import (
     artifact_panel,
     before_after,
     boxes_figure,
@@ -37,6 +34,9 @@ from register_adapter.viz import (
     patch_views,
     save_png,
 )
+from register_adapter.images import load_image
+from register_adapter.loading import PLANTED_SIZES
+from register_adapter.testing import make_artifact_model, make_object_images
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from register_adapter import corloc, discover_objects, find_artifacts
-from register_adapter.diagnose import collect_images
 from register_adapter.images import load_image
+from register_adapter.sources import find_image_files
 from register_adapter.testing import make_artifact_model, make_object_images
 
 FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--photos", nargs="*", default=[], help="photo files or folders (default: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    photos = [load_image(path) for path in collect_images(args.photos)] if args.photos else []
+    photos = [load_image(path) for path in find_image_files(args.photos, check=True)] if args.photos else []
     for family in FAMILIES:
         planted = make_artifact_model(family)
         scene = make_object_images(64, planted.image_size, seed=0)

@@ -25,8 +25,9 @@ import torch
 from peft import PeftModel
 
 import register_adapter  # noqa: F401  (makes the REGISTERS adapter type known to peft)
-from register_adapter.demo import sample_images
-from register_adapter.train import load_model, parse_args, train
+from register_adapter.cli.demo import sample_images
+from register_adapter.loading import load_model
+from register_adapter.training.classification import parse_args, train
 
 
 def crops_of(image: PIL.Image.Image, count: int, rng: np.random.Generator) -> list[PIL.Image.Image]:
@@ -117,7 +118,9 @@ def main() -> None:
     # Anyone restores the adapter (registers + head) with PeftModel.from_pretrained: identical outputs.
     labels = list(trainer.model.config.id2label.values())
     device = trainer.model.device
-    restored = PeftModel.from_pretrained(load_model(model_args, labels)[0], output_dir).to(device)
+    restored = PeftModel.from_pretrained(
+        load_model(model_args.model, "classification", labels=labels)[0], output_dir
+    ).to(device)
     pixels = images[:8]["pixel_values"].to(device)
     with torch.no_grad():
         same = torch.equal(

@@ -5,9 +5,9 @@ Every function returns a ``matplotlib.figure.Figure`` built without pyplot (no g
 (https://arxiv.org/abs/2309.16588): the norm map, the last-layer CLS attention (Fig. 1) and the first principal
 components of the patch features as RGB (Fig. 7).
 
->>> from register_adapter.diagnostics import find_artifacts
+>>> from register_adapter import find_artifacts
 >>> from register_adapter.testing import make_artifact_model, make_object_images
->>> from register_adapter.viz import artifact_panel, patch_views, save_png
+>>> from register_adapter.diagnostics.viz import artifact_panel, patch_views, save_png
 >>> planted = make_artifact_model("dinov2")
 >>> scene = make_object_images(2, planted.image_size)
 >>> pixel_values = planted.preprocess(scene.images)
@@ -30,11 +30,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from .architectures import find_vision_tower
-from .diagnostics import ArtifactReport, ImageArtifacts
-from .hooks import capture
-from .images import batches, eval_mode, patch_grid, run_tower
-from .tokens import split_tokens, token_layout
+from ..architectures import VisionTower, find_vision_tower
+from ..forward import eval_mode, run_tower
+from ..geometry import patch_grid
+from ..hooks import capture
+from ..pixels import batches
+from ..tokens import split_tokens, token_layout
+from .artifacts import ArtifactReport, ImageArtifacts
 
 _OUTLIER_COLOR = (1.0, 0.1, 0.1, 0.75)
 
@@ -57,9 +59,10 @@ class PatchViews:
 
 
 @contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Switch ``model`` to eager attention (the only implementation that returns attention weights), then back."""
-    root = find_vision_tower(model).root
+def eager_attention(tower: VisionTower) -> Iterator[None]:
+    """Switch the model holding ``tower`` to eager attention (the only implementation that returns attention
+    weights), then back."""
+    root = tower.root
     previous = root.config._attn_implementation
     root.set_attn_implementation("eager")
     try:
@@ -87,13 +90,13 @@ def patch_views(model: nn.Module, pixel_values: torch.Tensor, *, batch_size: int
     Runs one forward pass with eager attention (switched back afterwards).
     """
     tower = find_vision_tower(model)
-    layout = token_layout(model)
+    layout = token_layout(tower)
     h, w = patch_grid(pixel_values.shape, tower.patch_size)
     last = tower.blocks[-1]
     attentions, tokens = [], []
-    with capture([last]) as captured, eval_mode(model), eager_attention(model):
+    with capture([last]) as captured, eval_mode(tower.module), eager_attention(tower):
         for batch in batches(pixel_values, batch_size):
-            attention = run_tower(model, batch, output_attentions=True).attentions[-1].float()  # (b, H, S, S)
+            attention = run_tower(tower, batch, output_attentions=True).attentions[-1].float()  # (b, H, S, S)
             received = attention[:, :, 0] if layout.has_cls else attention.mean(2)  # (b, H, S)
             weights = received.mean(1).unsqueeze(-1)  # (b, S, 1)
             attentions.append(split_tokens(weights, layout).patches.squeeze(-1).cpu())  # (b, N)

@@ -7,31 +7,16 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from .errors import AdapterFilesError, InvalidConfigError
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLED_WEIGHTS_NAME = "adapter_model.bin"
+from ..errors import InvalidConfigError
+from ..peft_integration import REGISTERS
 
 INIT_METHODS = ("normal", "zeros", "scaled_randn")
-METHODS = ("trained", "distilled", "test-time")
-
-
-class RegisterPeftType(str):
-    """The PEFT type of register adapters.
-
-    PEFT's own types are members of a closed ``enum``; a third-party type only has to be a ``str`` that also has the
-    ``.value`` that transformers' ``PeftAdapterMixin`` reads.
-    """
-
-    @property
-    def value(self) -> str:
-        return str(self)
-
-    def __repr__(self) -> str:
-        return f"<PeftType.{self}: {str(self)!r}>"
-
-
-REGISTERS = RegisterPeftType("REGISTERS")
+#: How registers were obtained, and how model cards describe it.
+METHODS = {
+    "trained": "trained registers ([arXiv 2309.16588](https://arxiv.org/abs/2309.16588))",
+    "distilled": "post-hoc self-distilled registers, PH-Reg ([arXiv 2505.21501](https://arxiv.org/abs/2505.21501))",
+    "test-time": "training-free test-time registers ([arXiv 2506.08010](https://arxiv.org/abs/2506.08010))",
+}
 
 
 @dataclass
@@ -137,6 +122,8 @@ class RegisterConfig(PeftConfig):
             AdapterFilesError: ``adapter_model.safetensors`` is missing, is not a readable safetensors file, or holds
                 registers of another shape than the config says (files from two different saves).
         """
+        from ..saving import check_adapter_weights
+
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, config=config, **kwargs)
         return config
@@ -147,54 +134,3 @@ def _whole_number(name: str, value: object, minimum: int, hint: str) -> int:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise InvalidConfigError(f"{name} must be {kind}, got {value!r}. {hint}")
     return int(value)
-
-
-def check_adapter_weights(
-    path_or_repo_id: str, subfolder: str | None = None, config: RegisterConfig | None = None, **hub_kwargs
-) -> str:
-    """Return the local path of ``adapter_model.safetensors`` after checking that its header can be read and, given
-    the ``config`` saved with it, that its registers have the shape that config describes."""
-    import os
-
-    from huggingface_hub import hf_hub_download
-    from safetensors import safe_open
-
-    folder = os.path.join(path_or_repo_id, subfolder) if subfolder else path_or_repo_id
-    if os.path.isdir(folder):
-        weights = os.path.join(folder, WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            found = sorted(os.listdir(folder))
-            advice = "Save the adapter again with model.save_pretrained(folder)."
-            if PICKLED_WEIGHTS_NAME in found:
-                advice = (
-                    f"{PICKLED_WEIGHTS_NAME} is a pickle, which register_adapter does not load (unpickling can run "
-                    "code). Save the adapter again with model.save_pretrained(folder), which writes safetensors."
-                )
-            raise AdapterFilesError(f"{weights} is missing: the adapter folder holds only {found}. {advice}")
-    else:
-        allowed = {k: v for k, v in hub_kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only")}
-        try:
-            weights = hf_hub_download(path_or_repo_id, WEIGHTS_NAME, subfolder=subfolder, **allowed)
-        except Exception as error:
-            raise AdapterFilesError(
-                f"Could not get {WEIGHTS_NAME} of {path_or_repo_id!r}: {error}. Check the repository id and, offline, "
-                "that the adapter is in the Hugging Face cache."
-            ) from error
-    try:
-        with safe_open(weights, framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not iterable)
-    except Exception as error:
-        raise AdapterFilesError(
-            f"{weights} is not a readable safetensors file ({error}). It is corrupted or incomplete: "
-            "download or save the adapter again."
-        ) from error
-    if config is not None and config.hidden_size is not None:
-        expected = (1, config.num_register_tokens, config.hidden_size)
-        for key, shape in shapes.items():
-            if key.endswith("register_tokens") and shape != expected:
-                raise AdapterFilesError(
-                    f"{weights} holds registers of shape {list(shape)} ({key}), but its adapter_config.json says "
-                    f"{config.num_register_tokens} registers of width {config.hidden_size}: the two files come from "
-                    "different saves. Save the adapter again."
-                )
-    return weights

@@ -12,14 +12,18 @@ import argparse
 import logging
 import os
 import tempfile
+from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import find_vision_tower
-from .model import add_registers
-from .tokens import split_tokens
+from .. import loading
+from ..architectures import find_vision_tower
+from ..tokens import split_tokens
+from ..training.augment import ImageClassificationTransform
+from ..tuner import add_registers
 
 logger = logging.getLogger("register_adapter.demo")
 
@@ -41,35 +45,17 @@ def sample_images() -> tuple[list[np.ndarray], list[str]]:
     return [getattr(skimage.data, name)() for name in SAMPLE_IMAGES], list(SAMPLE_IMAGES)
 
 
-def load_model(name: str | None, num_labels: int) -> tuple[torch.nn.Module, int]:
-    """The model to adapt, and the image size it expects."""
+def load_model(name: str | None, labels: list[str]) -> tuple[torch.nn.Module, Any]:
+    """The classifier to adapt and its image processor: the built-in ViT, or ``name`` with a new head for ``labels``."""
     import transformers
 
-    if name is None:
-        config = transformers.ViTConfig(**DEMO_CONFIG, num_labels=num_labels)
-        torch.manual_seed(0)
-        return transformers.ViTForImageClassification(config), DEMO_CONFIG["image_size"]
-    model = transformers.AutoModelForImageClassification.from_pretrained(
-        name, num_labels=num_labels, ignore_mismatched_sizes=True
-    )
-    tower = find_vision_tower(model)
-    size = getattr(tower.config, "image_size", 224)
-    return model, int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def augment(image: np.ndarray, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Random resized crop (50-100% of the shorter side) and horizontal flip, to a (3, size, size) tensor in [-1, 1]."""
-    from PIL import Image
-
-    height, width = image.shape[:2]
-    side = int(min(height, width) * (0.5 + 0.5 * torch.rand(1, generator=generator).item()))
-    top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
-    crop = Image.fromarray(image[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W)
-    if torch.rand(1, generator=generator).item() < 0.5:
-        pixels = pixels.flip(-1)
-    return pixels
+    if name is not None:
+        return loading.load_model(name, "classification", labels=labels)
+    config = transformers.ViTConfig(**DEMO_CONFIG, num_labels=len(labels))
+    torch.manual_seed(0)
+    size = DEMO_CONFIG["image_size"]
+    processor = transformers.ViTImageProcessorPil(size={"height": size, "width": size})
+    return transformers.ViTForImageClassification(config), processor
 
 
 def run(
@@ -77,12 +63,15 @@ def run(
 ) -> dict[str, float]:
     """Run the demo and return its numbers (loss before/after, accuracy, reload difference)."""
     images, labels = sample_images()
-    model, size = load_model(model_name, num_labels=len(labels))
+    model, processor = load_model(model_name, labels)
     head = "classifier"
     model = add_registers(model, num_register_tokens, modules_to_save=[head], init="scaled_randn")
-    generator = torch.Generator().manual_seed(seed)
+    photos = [PIL.Image.fromarray(image) for image in images]
+    rows = {"image": photos, "label": list(range(len(photos))), "sample_id": list(range(len(photos)))}
+    # The training augmentation of `register-adapter train`: a random resized crop and flip, new each step.
+    augmentation = ImageClassificationTransform(processor, train=True, seed=seed)
+    evaluation = ImageClassificationTransform(processor, train=False)(rows)["pixel_values"]
     targets = torch.arange(len(images))
-    evaluation = torch.stack([augment(image, size, torch.Generator().manual_seed(1)) for image in images])
 
     def evaluate() -> tuple[float, float]:
         model.eval()
@@ -97,8 +86,9 @@ def run(
     registers = find_vision_tower(model).embeddings.register_tokens["default"]
     start = registers.detach().clone()
     model.train()
-    for _ in tqdm(range(steps), desc="training registers + head"):
-        batch = torch.stack([augment(image, size, generator) for image in images])
+    for step in tqdm(range(steps), desc="training registers + head"):
+        augmentation.epoch = step
+        batch = augmentation(rows)["pixel_values"]
         loss = torch.nn.functional.cross_entropy(model(pixel_values=batch).logits, targets)
         loss.backward()
         optimizer.step()
@@ -110,7 +100,7 @@ def run(
     model.save_pretrained(out)
     from peft import PeftModel
 
-    reloaded = PeftModel.from_pretrained(load_model(model_name, num_labels=len(labels))[0], out).eval()
+    reloaded = PeftModel.from_pretrained(load_model(model_name, labels)[0], out).eval()
     model.eval()
     with torch.no_grad():
         difference = float(

@@ -11,9 +11,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.backbone_utils import BackboneMixin
 
-from .architectures import VisionTower
+from ..architectures import VisionTower
+from ..errors import InvalidConfigError, MergeNotSupportedError
 from .config import RegisterConfig
-from .errors import InvalidConfigError, MergeNotSupportedError
 
 
 def _floating_param(module: nn.Module) -> torch.Tensor | None:

@@ -7,12 +7,12 @@
 ``--model`` also takes a built-in tiny model (``tiny-vit``, ...) or ``planted:<family>``, a model with planted
 artifacts (:func:`register_adapter.testing.make_artifact_model`, 224 px images, 8 px patches) to try the command
 offline. Writes ``report.json`` (``{"model", "adapter", "base", "with_adapter"}``, each report as
-:meth:`~register_adapter.diagnostics.ArtifactReport.to_dict` gives it), ``norm_histograms.png``, ``norm_scale.png``,
+:meth:`~register_adapter.ArtifactReport.to_dict` gives it), ``norm_histograms.png``, ``norm_scale.png``,
 one panel per image under ``panels/`` (at most ``--max-panels``) and, with ``--adapter``, the same for the adapted
 model plus ``before_after.png``. Bad input ends the run with exit status 2 and one ``error:`` line on stderr, before
 any model is loaded where it can be known then (options, unreadable images, an ``--out`` that cannot be created) and
 before ``--out`` is created otherwise (a model or adapter that cannot be loaded, a ``--layer`` the model lacks).
-Also runs as ``python -m register_adapter.diagnose``.
+Also runs as ``python -m register_adapter.cli diagnose``.
 """
 
 from __future__ import annotations
@@ -23,52 +23,29 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .architectures import find_vision_tower
-from .data import image_extensions
-from .diagnostics import ArtifactReport, check_layer, find_artifacts
-from .errors import AdapterFilesError, DataError, InvalidConfigError, RegisterAdapterError
-from .images import as_pixel_values, check_image, default_processor
-from .thresholds import check_threshold
-from .tiny import TINY_MODELS, build_tiny_model
-from .viz import artifact_panel, before_after, display_image, norm_histograms, norm_scale_figure, patch_views, save_png
+from ..architectures import find_vision_tower
+from ..diagnostics.artifacts import ArtifactReport, check_layer, find_artifacts
+from ..diagnostics.thresholds import check_threshold
+from ..diagnostics.viz import (
+    artifact_panel,
+    before_after,
+    display_image,
+    norm_histograms,
+    norm_scale_figure,
+    patch_views,
+    save_png,
+)
+from ..errors import InvalidConfigError, RegisterAdapterError
+from ..loading import first_line, load_model
+from ..pixels import as_pixel_values
+from ..sources import find_image_files
 
-logger = logging.getLogger("register_adapter.diagnose")
-
-PLANTED_PREFIX = "planted:"
-PLANTED_SIZES = {"image_size": 224, "patch_size": 8}
 BEFORE_AFTER_IMAGES = 4  # image rows of before_after.png
-
-
-def collect_images(inputs: list[str]) -> list[Path]:
-    """Image files named on the command line; folders are searched recursively (sorted, by PIL's extensions). Every
-    file is read in full (:func:`~register_adapter.images.check_image`), so an unreadable or truncated file stops the
-    run before any model is loaded.
-
-    Raises:
-        DataError: a path does not exist, a folder holds no image file, or a file is not a readable image.
-    """
-    extensions = image_extensions()
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-            if not found:
-                raise DataError(f"Folder '{path}' holds no image files.")
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise DataError(f"Image path '{path}' does not exist.")
-    for path in paths:
-        check_image(path)
-    return paths
 
 
 def check_out(out: Path) -> None:
@@ -86,68 +63,6 @@ def check_out(out: Path) -> None:
         raise InvalidConfigError(
             f"Cannot write to --out '{out}': no permission to write in '{existing}'. Choose a folder you can write to."
         )
-
-
-def _reason(error: BaseException) -> str:
-    """The first line of an error message, ending with a full stop."""
-    lines = str(error).strip().splitlines()
-    line = lines[0].strip() if lines else type(error).__name__
-    return line if line.endswith((".", "!", "?")) else line + "."
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
-
-
-def load_model(name: str, adapter: str | None, device: str) -> tuple[nn.Module, Any]:
-    """The model (a ``PeftModel`` with ``adapter``) and its image processor.
-
-    Raises:
-        InvalidConfigError: the model cannot be loaded (no such folder, not on the Hub, not a model).
-        AdapterFilesError: the adapter cannot be loaded.
-    """
-    import transformers
-
-    if name.startswith(PLANTED_PREFIX):
-        from .testing import make_artifact_model
-
-        planted = make_artifact_model(name[len(PLANTED_PREFIX) :], **PLANTED_SIZES)
-        model, processor = planted.model, planted.processor
-    elif name in TINY_MODELS:
-        model = build_tiny_model(name)
-        processor = default_processor(model)
-    else:
-        try:
-            if _looks_like_path(name) and not Path(name).expanduser().exists():
-                raise FileNotFoundError("no such folder")
-            model = transformers.AutoModel.from_pretrained(name)
-        except (OSError, ValueError, KeyError) as error:
-            raise InvalidConfigError(
-                f"Cannot load model '{name}': {_reason(error)} Give a folder saved with save_pretrained, a Hub id, a "
-                "built-in tiny model (tiny-vit, ...) or planted:<family>."
-            ) from error
-        try:
-            processor = transformers.AutoImageProcessor.from_pretrained(name, backend="pil")  # no torchvision needed
-        except (OSError, ValueError):
-            processor = default_processor(model)
-            logger.warning(
-                "No image processor found for %s; resizing to %s px, mean = std = 0.5.", name, processor.size
-            )
-    if adapter is not None:
-        from peft import PeftModel
-
-        try:
-            if _looks_like_path(adapter) and not Path(adapter).expanduser().exists():
-                raise FileNotFoundError("no such folder")
-            model = PeftModel.from_pretrained(model, adapter)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            if isinstance(error, RegisterAdapterError):
-                raise
-            raise AdapterFilesError(
-                f"Cannot load adapter '{adapter}': {_reason(error)} Give a folder saved with save_pretrained "
-                "(adapter_config.json and the weights) or a Hub id."
-            ) from error
-    return model.to(device).eval(), processor
 
 
 def _write_pictures(
@@ -175,11 +90,13 @@ def _write_pictures(
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Diagnose, write report.json and the pictures; returns the written files."""
-    paths = collect_images(args.images)
+    paths = find_image_files(args.images, check=True)
     out = Path(args.out)
     check_out(out)
-    model, processor = load_model(args.model, args.adapter, args.device)
-    check_layer(args.layer, len(find_vision_tower(model).blocks))
+    model, processor = load_model(args.model, adapter=args.adapter)
+    model = model.to(args.device).eval()
+    tower = find_vision_tower(model)
+    check_layer(args.layer, len(tower.blocks))
     options = {
         "layer": args.layer,
         "threshold": args.threshold,
@@ -199,13 +116,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InvalidConfigError(f"Cannot write to --out '{out}': {_reason(error)}") from error
+        raise InvalidConfigError(f"Cannot write to --out '{out}': {first_line(error)}") from error
     report_path = out / "report.json"
     report_path.write_text(json.dumps(document, indent=1) + "\n")
     written = [report_path]
     # The images in panels and in before_after.png are read once, for every picture of both models.
     read = paths[: max(args.max_panels, BEFORE_AFTER_IMAGES if args.adapter is not None else 0)]
-    pixel_values = as_pixel_values(read, model, processor) if read else None  # (n, 3, H, W)
+    pixel_values = as_pixel_values(read, tower, processor) if read else None  # (n, 3, H, W)
     images = [display_image(values, processor) for values in pixel_values] if read else []
     shown = paths[: args.max_panels]
     if args.adapter is None:
@@ -316,7 +233,3 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"register-adapter diagnose: error: {error}\n")
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

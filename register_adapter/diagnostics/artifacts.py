@@ -5,7 +5,7 @@ others, on about 2 % of the patches, from the middle layers on) into redundant b
 measured here on the *residual stream*: the output of every transformer block, read with forward hooks. The final
 LayerNorm of HF models (``last_hidden_state``) flattens norms, which is why outliers seem to vanish there.
 
->>> from register_adapter.diagnostics import find_artifacts
+>>> from register_adapter import find_artifacts
 >>> from register_adapter.testing import make_artifact_model, make_object_images
 >>> planted = make_artifact_model("vit")
 >>> scene = make_object_images(8, planted.image_size)
@@ -28,12 +28,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import find_vision_tower
-from .errors import InvalidConfigError, UnsupportedModelError
-from .hooks import capture
-from .images import different_sizes_error, eval_mode, patch_grid, pixel_batches, run_tower
+from ..architectures import VisionTower, find_vision_tower
+from ..errors import InvalidConfigError, UnsupportedModelError
+from ..forward import eval_mode, run_tower
+from ..geometry import patch_grid
+from ..hooks import capture
+from ..pixels import different_sizes_error, pixel_batches
+from ..tokens import TokenLayout, split_tokens, token_layout
 from .thresholds import check_threshold, resolve_threshold
-from .tokens import TokenLayout, split_tokens, token_layout
 
 # -- the report ------------------------------------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ def _token_norms(hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def block_output_norms(
-    model: nn.Module, images: Any, *, processor: Any = None, batch_size: int = 8, progress: bool = False
+    tower: VisionTower, images: Any, *, processor: Any = None, batch_size: int = 8, progress: bool = False
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Token norms at the output of every transformer block, (L, B, S), all tokens (registers included), and the
     (height, width) of the pixel values.
@@ -194,21 +196,21 @@ def block_output_norms(
     Raises:
         DataError: the images do not all have one size after preprocessing (their maps would not share a grid).
     """
-    blocks = find_vision_tower(model).blocks
+    blocks = tower.blocks
     collected: list[torch.Tensor] = []  # (L, b, S) per batch
     size: tuple[int, int] | None = None
     seen = 0
-    count, pixel_values = pixel_batches(images, model, processor, batch_size)
+    count, pixel_values = pixel_batches(images, tower, processor, batch_size)
     with (
         capture(blocks, reduce=_token_norms) as norms,
-        eval_mode(model),
+        eval_mode(tower.module),
         tqdm(total=count, desc="find_artifacts", unit="img", disable=not progress) as bar,
     ):
         for batch in pixel_values:
             if size is not None and tuple(batch.shape[-2:]) != size:
                 raise different_sizes_error(seen, batch.shape[-2:], 0, size)
             size, seen = tuple(batch.shape[-2:]), seen + len(batch)
-            run_tower(model, batch)
+            run_tower(tower, batch)
             collected.append(torch.stack([norms[block] for block in blocks]).cpu())  # (L, b, S)
             bar.update(len(batch))
     return torch.cat(collected, dim=1), size  # (L, B, S)
@@ -260,7 +262,7 @@ def find_artifacts(
         model: A supported model (``find_vision_tower`` locates its blocks).
         images_or_pixel_values: Pixel values (B, 3, H, W), or images (PIL, uint8 arrays, file paths). All must have
             one size after preprocessing (one patch grid); another size than the model's ``image_size`` is fine
-            where the model can interpolate its position embeddings (see :func:`~register_adapter.images.run_tower`).
+            where the model can interpolate its position embeddings (see :func:`~register_adapter.forward.run_tower`).
         layer: The layer of the per-image maps, as an index into ``hidden_states`` (1 = first block's output,
             negative counts from the end; see :func:`check_layer`). Default: the last block's output.
         threshold: ``"auto"`` (default): the valley below a second, high-norm mode of each layer's log-norm histogram
@@ -269,7 +271,7 @@ def find_artifacts(
             al.; numpy scalars and 0-d tensors too) or ``"mean+<k>std"`` (e.g. ``"mean+3std"``, Jiang et al.; it
             flags whatever lies above the cut, second mode or not: 0-0.4 % of the patch tokens per layer of the clean
             tiny random models, where ``"auto"`` flags none).
-        processor: Image processor for images; default :func:`default_processor`.
+        processor: Image processor for images; default :func:`~register_adapter.pixels.default_processor`.
         batch_size: Images per forward pass.
         progress: Show a tqdm progress bar.
         sources: Names of the images in the report (default ``"image <i>"``).
@@ -278,12 +280,12 @@ def find_artifacts(
         An :class:`ArtifactReport`; ``report.to_json(path)`` writes it.
     """
     tower = find_vision_tower(model)
-    layout = token_layout(model)
+    layout = token_layout(tower)
     num_layers = len(tower.blocks)
     layer = check_layer(layer, num_layers)
     threshold = check_threshold(threshold)  # before the forward passes: a bad rule costs nothing
     norms, size = block_output_norms(  # (L, B, S)
-        model, images_or_pixel_values, processor=processor, batch_size=batch_size, progress=progress
+        tower, images_or_pixel_values, processor=processor, batch_size=batch_size, progress=progress
     )
     count = norms.shape[1]
     sources = list(sources) if sources is not None else [f"image {i}" for i in range(count)]

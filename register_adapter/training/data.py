@@ -1,17 +1,12 @@
-"""Labelled image data for classification fine-tuning: loading, validation and augmentation.
+"""Labelled images for classification fine-tuning: loading and validation.
 
 Data comes either from folders in ``imagefolder`` layout (``root/<class name>/<image>``, classes sorted by name) or
 from a ``datasets`` dataset (a Hub name, a loading script or a folder written by ``save_to_disk``). Every problem
 that would otherwise surface hours into a run is found before training starts and reported as a
 :class:`~register_adapter.errors.DataError`: a missing or empty folder, a missing column, a missing or out-of-range
-label, a corrupt image.
+label, a corrupt image (:func:`register_adapter.sources.check_images`).
 
-Images are preprocessed lazily (``Dataset.set_transform``) with the model's own image processor (PIL backend). The
-training transform adds a random resized crop and a horizontal flip, written with PIL. Its randomness is a pure
-function of ``(seed, epoch, sample_id)``, so an augmented sample does not depend on the order in which batches are
-drawn: a run resumed from a checkpoint, a multi-process run and a single-process run see the same pixels.
-
->>> from register_adapter.data import load_image_folder
+>>> from register_adapter.training.data import load_image_folder
 >>> train = load_image_folder("data/train")  # doctest: +SKIP
 >>> train.features["label"].names  # doctest: +SKIP
 ['cat', 'dog']
@@ -19,7 +14,6 @@ drawn: a run resumed from a checkpoint, a multi-process run and a single-process
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -29,32 +23,24 @@ from typing import Any
 
 import datasets
 import numpy as np
-import PIL.Image
 import pyarrow.compute as pc
-import torch
 
-from .errors import DataError
-from .images import rgb_image, size_field
+from ..errors import DataError
+from ..images import image_extensions
+from ..sources import (
+    BAD_IMAGE_POLICIES,
+    IMAGE_COLUMN,
+    MAX_LISTED,
+    check_choice,
+    image_feature,
+    image_files_in,
+    load_named_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 SAMPLE_ID_COLUMN = "sample_id"
-BAD_IMAGE_POLICIES = ("error", "skip")
-IMAGE_CHECKS = ("decode", "header", "none")
-_MAX_LISTED = 10
-# Formats PIL registers an extension for but cannot read pixels from on its own: save-only (PDF, PALM), stubs that
-# need an external handler (BUFR, GRIB, HDF5), Ghostscript (EPS), Windows (WMF), metadata (IPTC), video (MPEG).
-_NOT_RASTER_FORMATS = frozenset({"BUFR", "EPS", "GRIB", "HDF5", "IPTC", "MPEG", "PALM", "PDF", "WMF"})
-
-
-def image_extensions() -> frozenset[str]:
-    """File extensions (lower case, with the dot) of the raster formats PIL can open: the files an image folder uses."""
-    PIL.Image.init()
-    return frozenset(
-        ext.lower() for ext, fmt in PIL.Image.registered_extensions().items() if fmt not in _NOT_RASTER_FORMATS
-    )
 
 
 def load_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None) -> datasets.Dataset:
@@ -84,15 +70,11 @@ def load_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None
             f"Image folder {str(root)!r} has no class sub-folders. Expected the imagefolder layout "
             f"{str(root)!r}/<class name>/<image file>."
         )
-    extensions = image_extensions()
-    files = {
-        name: sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-        for name in found
-    }
+    files = {name: image_files_in(root / name) for name in found}
     with_images = [name for name in found if files[name]]
     if not with_images:
         raise DataError(
-            f"Image folder {str(root)!r} holds no image files (looked for {', '.join(sorted(extensions)[:8])}, ... "
+            f"Image folder {str(root)!r} holds no image files (looked for {', '.join(sorted(image_extensions())[:8])}, ... "
             f"in {', '.join(found)})."
         )
     if len(with_images) < len(found):
@@ -109,21 +91,6 @@ def load_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None
     labels = [names.index(name) for name in with_images for _ in files[name]]
     features = datasets.Features({IMAGE_COLUMN: datasets.Image(), LABEL_COLUMN: datasets.ClassLabel(names=names)})
     return datasets.Dataset.from_dict({IMAGE_COLUMN: paths, LABEL_COLUMN: labels}, features=features)
-
-
-def _load_named_dataset(name: str, config_name: str | None, cache_dir: str | None) -> datasets.DatasetDict:
-    """A dataset by Hub name or loading script, or a folder written by ``save_to_disk``, as a ``DatasetDict``."""
-    path = Path(name)
-    try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            loaded = datasets.load_from_disk(str(path))
-        else:
-            loaded = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
-        raise DataError(f"Could not load the dataset {name!r}: {error}") from error
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    return loaded
 
 
 def _normalise_columns(
@@ -150,14 +117,7 @@ def _normalise_columns(
         dataset = dataset.rename_column(image_column, IMAGE_COLUMN)
     if label_column != LABEL_COLUMN:
         dataset = dataset.rename_column(label_column, LABEL_COLUMN)
-    image_feature = dataset.features[IMAGE_COLUMN]
-    if isinstance(image_feature, datasets.Value) and image_feature.dtype in ("string", "large_string"):
-        dataset = dataset.cast_column(IMAGE_COLUMN, datasets.Image())  # a column of file paths
-    elif not isinstance(image_feature, datasets.Image):
-        raise DataError(
-            f"The image column {image_column!r} in {where} holds {image_feature!r}, not images. "
-            "Expected a datasets.Image feature or file paths."
-        )
+    dataset = image_feature(dataset, image_column, where)
     label_feature = dataset.features[LABEL_COLUMN]
     if isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
         dataset = dataset.cast_column(LABEL_COLUMN, _integer_class_label(dataset, class_names))
@@ -270,7 +230,7 @@ def _load_named_splits(
     on_bad_label: str,
 ) -> dict[str, datasets.Dataset]:
     """The ``train`` (and ``validation``, if any) split of a named dataset, normalised, with labels checked."""
-    loaded = _load_named_dataset(dataset_name, config_name, cache_dir)
+    loaded = load_named_dataset(dataset_name, config_name, cache_dir)
     for flag, split in (("--train_split", train_split), ("--validation_split", validation_split)):
         if split is not None and split not in loaded:
             raise DataError(
@@ -317,8 +277,8 @@ def check_labels(dataset: datasets.Dataset, *, on_bad_label: str = "error", spli
     if not bad:
         return dataset
     num_classes = dataset.features[LABEL_COLUMN].num_classes
-    rows = ", ".join(str(i) for i in bad[:_MAX_LISTED])
-    more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    rows = ", ".join(str(i) for i in bad[:MAX_LISTED])
+    more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     problem = (
         f"{len(bad)} of {len(dataset)} {split} rows have no label or a label outside 0..{num_classes - 1} "
         f"({num_classes} classes): rows {rows}{more}."
@@ -359,10 +319,10 @@ def _check_hold_out(train: datasets.Dataset, fraction: float) -> None:
     )
     single = [name for name, count in zip(names, counts) if count == 1]
     if single:
-        more = f" and {len(single) - _MAX_LISTED} more" if len(single) > _MAX_LISTED else ""
+        more = f" and {len(single) - MAX_LISTED} more" if len(single) > MAX_LISTED else ""
         raise DataError(
             f"--train_val_split {fraction} cannot hold out validation images of every class: {len(single)} of "
-            f"{classes} classes have a single training image ({', '.join(single[:_MAX_LISTED])}{more}), and a "
+            f"{classes} classes have a single training image ({', '.join(single[:MAX_LISTED])}{more}), and a "
             f"stratified split needs two, one to train on and one to validate on. Add images to those classes, {fixes}"
         )
     if held_out < classes:
@@ -379,102 +339,6 @@ def _check_hold_out(train: datasets.Dataset, fraction: float) -> None:
         )
 
 
-def _image_problem(value: dict[str, Any], check: str) -> str | None:
-    """Why the undecoded image ``value`` (``{"bytes", "path"}``) cannot be used, or ``None`` if it can."""
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
-    if source is None:
-        return "no bytes and no path"
-    try:
-        with PIL.Image.open(source) as image:
-            if check == "header":
-                image.verify()
-            else:
-                image.load()
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    """Refuse a ``value`` of the option ``name`` (``on_bad_image``, ``image_check``) that is not among ``choices``."""
-    if value not in choices:
-        raise DataError(f"{name} must be one of {', '.join(choices)}, got {value!r}.")
-
-
-def check_images(
-    dataset: datasets.Dataset,
-    *,
-    on_bad_image: str = "error",
-    check: str = "decode",
-    split: str = "train",
-    num_proc: int | None = None,
-) -> datasets.Dataset:
-    """Open every image of ``dataset`` once, before training, and deal with the ones that cannot be read.
-
-    Args:
-        dataset: a dataset with an ``image`` column.
-        on_bad_image: ``"error"`` raises a :class:`DataError` that lists the unreadable images; ``"skip"`` drops
-            them with a warning.
-        check: ``"decode"`` decodes every image fully (finds truncated files); ``"header"`` only checks the file
-            header (faster, misses truncation); ``"none"`` checks nothing.
-        split: the split name, for messages.
-        num_proc: worker processes for the check.
-
-    Returns:
-        ``dataset``, without the unreadable images when ``on_bad_image="skip"``.
-    """
-    check_choice("on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
-    check_choice("image_check", check, IMAGE_CHECKS)
-    problems = find_unreadable_images(dataset, check=check, split=split, num_proc=num_proc)
-    return drop_unreadable_images(dataset, problems, on_bad_image=on_bad_image, split=split)
-
-
-def find_unreadable_images(
-    dataset: datasets.Dataset, *, check: str = "decode", split: str = "train", num_proc: int | None = None
-) -> dict[int, str]:
-    """Open every image of ``dataset`` once: the rows whose image cannot be read, with the reason.
-
-    The half of :func:`check_images` that reads the files; a multi-process run does it on one process and shares
-    the result (see :mod:`register_adapter.train`).
-    """
-    check_choice("image_check", check, IMAGE_CHECKS)
-    if check == "none" or len(dataset) == 0:
-        return {}
-    raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
-    problems = raw.map(
-        lambda images: {"_problem": [_image_problem(image, check) for image in images]},
-        input_columns=IMAGE_COLUMN,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=raw.column_names,
-        desc=f"Checking {split} images",
-    )["_problem"]
-    return {i: problem for i, problem in enumerate(problems) if problem is not None}
-
-
-def drop_unreadable_images(
-    dataset: datasets.Dataset, problems: dict[int, str], *, on_bad_image: str = "error", split: str = "train"
-) -> datasets.Dataset:
-    """Apply the ``on_bad_image`` policy to the ``problems`` that :func:`find_unreadable_images` found."""
-    check_choice("on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
-    if not problems:
-        return dataset
-    bad = sorted(problems)
-    raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
-    names = [raw[i][IMAGE_COLUMN].get("path") or f"row {i}" for i in bad[:_MAX_LISTED]]
-    listing = "; ".join(f"{name} ({problems[i]})" for name, i in zip(names, bad))
-    more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-    if on_bad_image == "error" or len(bad) == len(dataset):
-        hint = "Remove or replace them, or pass --on_bad_image skip to leave them out."
-        if len(bad) == len(dataset):
-            hint = "No image of this split can be read."
-        raise DataError(f"{len(bad)} of {len(dataset)} {split} images cannot be read: {listing}{more}. {hint}")
-    logger.warning(
-        "Skipping %d of %d %s images that cannot be read: %s%s", len(bad), len(dataset), split, listing, more
-    )
-    return dataset.select([i for i in range(len(dataset)) if i not in problems])
-
-
 def take_samples(dataset: datasets.Dataset, count: int | None, seed: int) -> datasets.Dataset:
     """``count`` rows drawn at random with ``seed`` (all of them when ``count`` is None or too large).
 
@@ -484,135 +348,3 @@ def take_samples(dataset: datasets.Dataset, count: int | None, seed: int) -> dat
     if count is None or count >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(count))
-
-
-def target_size(image_processor: Any) -> tuple[int, int]:
-    """``(height, width)`` of the pixel values that ``image_processor`` produces."""
-    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
-        size = image_processor.crop_size
-    else:
-        size = image_processor.size
-    height, width, edge = (size_field(size, key) for key in ("height", "width", "shortest_edge"))
-    if height and width:
-        return int(height), int(width)
-    if edge:
-        return int(edge), int(edge)
-    raise DataError(f"Cannot tell the output size of the image processor {type(image_processor).__name__}: {size}.")
-
-
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """A random crop ``(left, top, right, bottom)`` covering ``scale`` of the area with aspect ratio in ``ratio``.
-
-    The Inception-style crop (Szegedy et al., 2015) that ``RandomResizedCrop`` popularised: ten tries at a random
-    area and log-uniform aspect ratio, then the largest central crop with a ratio inside ``ratio``.
-    """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-class ImageClassificationTransform:
-    """Turn a batch of ``{"image", "label", "sample_id"}`` rows into ``{"pixel_values", "labels"}`` tensors.
-
-    Use with ``Dataset.set_transform``. With ``train=True`` each image gets a random resized crop to the
-    processor's output size and a random horizontal flip, drawn from a generator seeded by
-    ``(seed, epoch, sample_id)``; set :attr:`epoch` at the start of every epoch (the trainer callback in
-    :mod:`register_adapter.train` does). Without ``train`` the image processor alone resizes (and crops).
-
-    Args:
-        image_processor: the model's image processor (PIL backend).
-        train: whether to augment.
-        seed: seed of the augmentation.
-        scale: range of the crop area, as a fraction of the image area.
-        ratio: range of the crop aspect ratio (width / height).
-        flip_probability: probability of a horizontal flip.
-
-    >>> from transformers import ViTImageProcessorPil
-    >>> transform = ImageClassificationTransform(ViTImageProcessorPil(size={"height": 30, "width": 30}), train=True)
-    >>> batch = {"image": [PIL.Image.new("RGB", (40, 50))], "label": [1], "sample_id": [0]}
-    >>> transform(batch)["pixel_values"].shape
-    torch.Size([1, 3, 30, 30])
-    """
-
-    def __init__(
-        self,
-        image_processor: Any,
-        *,
-        train: bool,
-        seed: int = 42,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_probability: float = 0.5,
-    ) -> None:
-        self.image_processor = image_processor
-        self.train = train
-        self.seed = seed
-        self.scale = scale
-        self.ratio = ratio
-        self.flip_probability = flip_probability
-        self.epoch = 0
-        self.size = target_size(image_processor)
-        self.resample = getattr(image_processor, "resample", None)
-        if self.resample is None:
-            self.resample = PIL.Image.Resampling.BILINEAR
-
-    def augment(self, image: PIL.Image.Image, sample_id: int) -> PIL.Image.Image:
-        """The randomly cropped, resized and flipped ``image``; the same for the same sample id and epoch."""
-        rng = np.random.default_rng([self.seed, self.epoch, sample_id])
-        box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
-        height, width = self.size
-        image = image.resize((width, height), resample=self.resample, box=box)
-        if rng.uniform() < self.flip_probability:
-            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return image
-
-    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        # Decoded RGB images are used as they are: a full-size copy per image and step would only cost time.
-        images = [image if image.mode == "RGB" else rgb_image(image) for image in batch[IMAGE_COLUMN]]
-        if self.train:
-            images = [self.augment(image, int(i)) for image, i in zip(images, batch[SAMPLE_ID_COLUMN])]
-            pixels = self.image_processor(images=images, do_resize=False, do_center_crop=False, return_tensors="pt")[
-                "pixel_values"
-            ]
-        else:
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels, "labels": torch.as_tensor(batch[LABEL_COLUMN], dtype=torch.long)}
-
-
-def apply_transforms(
-    splits: datasets.DatasetDict, image_processor: Any, *, seed: int = 42, augment: bool = True
-) -> ImageClassificationTransform:
-    """Preprocess every split lazily: augment ``train`` (unless ``augment=False``), only resize the others.
-
-    Returns:
-        The training transform, whose ``epoch`` the trainer advances.
-    """
-    train_transform = ImageClassificationTransform(image_processor, train=augment, seed=seed)
-    for name, split in splits.items():
-        split.set_transform(
-            train_transform if name == "train" else ImageClassificationTransform(image_processor, train=False)
-        )
-    return train_transform

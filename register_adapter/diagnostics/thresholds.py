@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .errors import InvalidConfigError
+from ..errors import InvalidConfigError
 
 _SIGMA_RULE = re.compile(r"^mean\+(\d+(?:\.\d+)?)std$")
 #: A second mode of the log-norm histogram counts as artifacts only this far above the median norm.

@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib
 import sys
 
+# name -> (module, one line of help). Modules are imported only when their command runs: `register-adapter --help`
+# loads no model code.
 COMMANDS = {
-    "demo": ("register_adapter.demo", "add registers to a model, train them a few steps, save and reload"),
-    "train": ("register_adapter.train", "train registers (and a head, optionally LoRA) with the HF Trainer"),
-    "diagnose": ("register_adapter.diagnose", "find artifact tokens and draw them"),
+    "demo": ("register_adapter.cli.demo", "add registers to a model, train them a few steps, save and reload"),
+    "train": ("register_adapter.cli.train", "train registers (and a head, optionally LoRA) with the HF Trainer"),
+    "diagnose": ("register_adapter.cli.diagnose", "find artifact tokens and draw them"),
 }
 
 
@@ -36,7 +38,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

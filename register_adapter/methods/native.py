@@ -10,10 +10,9 @@ import torch
 import transformers
 from peft import PeftModel
 
-from .architectures import find_vision_tower
-from .errors import UnsupportedModelError
-from .layer import RegisterLayer
-from .model import add_registers
+from ..architectures import find_vision_tower
+from ..errors import UnsupportedModelError
+from ..tuner import RegisterLayer, add_registers
 
 # native class -> DINOv2 class with the same heads
 _NATIVE_TO_DINOV2 = {

@@ -1,4 +1,4 @@
-"""The tuner: finds the vision tower, wraps its embeddings, and registers the PEFT method."""
+"""The tuner: finds the vision tower and wraps its embeddings (and, with LoRA, its attention projections)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
 from torch import nn
 from transformers.backbone_utils import BackboneMixin
 
-from .architectures import find_vision_tower
-from .config import REGISTERS, RegisterConfig
-from .errors import AdapterMismatchError, MergeNotSupportedError
+from ..architectures import find_vision_tower
+from ..errors import AdapterMismatchError, MergeNotSupportedError
+from ..peft_integration import PREFIX
+from .config import RegisterConfig
 from .layer import MERGE_MESSAGE, RegisterLayer
 from .lora import add_lora, check_lora_targets, lora_pattern
-
-PREFIX = "register_tokens"
 
 
 class RegisterModel(BaseTuner):
@@ -110,23 +109,6 @@ class RegisterModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-
-
-def register_peft_type() -> None:
-    """Make ``REGISTERS`` known to PEFT's lookups (idempotent; done when ``register_adapter`` is imported).
-
-    PEFT's ``register_peft_method`` only accepts members of its closed ``PeftType`` enum, so the three mappings that
-    every lookup goes through are filled directly. ``PeftModel`` saves, model cards and Hub pushes of register adapters
-    go through :mod:`register_adapter.hub` (see :func:`~register_adapter.hub.install_peft_model_methods`).
-    """
-    from peft import mapping
-
-    from .hub import install_peft_model_methods
-
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[REGISTERS] = RegisterConfig
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[REGISTERS] = RegisterModel
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[REGISTERS] = PREFIX
-    install_peft_model_methods()
 
 
 def add_registers(

@@ -15,7 +15,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from .errors import InvalidConfigError
+from ..errors import InvalidConfigError
 
 
 def lora_config(config) -> LoraConfig:

@@ -8,7 +8,7 @@ tokens break it: they correlate with almost nothing and become the seed. With re
 rises from 35.3 to 55.4 (Darcet et al., https://arxiv.org/abs/2309.16588, Table 3).
 
 >>> import torch
->>> from register_adapter.discovery import corloc, lost
+>>> from register_adapter.diagnostics.discovery import corloc, lost
 >>> features = torch.full((4, 4, 2), -1.0); features[1:3, 1:3] = 1.0  # a 2 x 2 object on a 4 x 4 grid
 >>> lost(features.reshape(16, 2), (4, 4)).box
 (1, 1, 3, 3)
@@ -27,16 +27,16 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .architectures import find_vision_tower
-from .errors import InvalidConfigError
-from .hooks import capture
-from .images import default_processor, eval_mode, input_to_image, patch_grid, run_tower, sized_pixel_batches
-from .tokens import split_tokens, token_layout
+from ..architectures import VisionTower, find_vision_tower
+from ..errors import InvalidConfigError
+from ..forward import eval_mode, run_tower
+from ..geometry import input_to_image, patch_grid
+from ..hooks import capture
+from ..pixels import default_processor, sized_pixel_batches
+from ..tokens import split_tokens, token_layout
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
 
-# Attribute names of the attention projections inside a block, the same in every supported family.
-_PROJECTIONS = {"queries": "q_proj", "keys": "k_proj", "values": "v_proj"}
 FEATURES = ("keys", "values", "tokens")
 
 
@@ -86,38 +86,26 @@ def lost(features: torch.Tensor, grid: tuple[int, int], k_patches: int = 100) ->
     return LostResult(box=box, seed=(row, col), mask=mask)
 
 
-def attention_projection(block: nn.Module, kind: str) -> nn.Module:
-    """The ``"queries"``, ``"keys"`` or ``"values"`` projection of a transformer block (with LoRA, if it has some)."""
-    name = _PROJECTIONS[kind]
-    for path, module in block.named_modules():
-        if path.rsplit(".", 1)[-1] == name:
-            return module
-    raise InvalidConfigError(
-        f"features={kind!r}: no attention projection named {name} in {type(block).__name__}. Use features='tokens'."
-    )
-
-
 @torch.no_grad()
-def patch_features(model: nn.Module, pixel_values: torch.Tensor, features: str = "keys") -> torch.Tensor:
+def patch_features(tower: VisionTower, pixel_values: torch.Tensor, features: str = "keys") -> torch.Tensor:
     """Last-layer patch features that LOST works on, (B, N, C).
 
     Args:
-        model: A supported model, plain or with registers.
+        tower: The vision tower of a supported model, plain or with registers.
         pixel_values: (B, 3, H, W).
         features: ``"keys"`` (attention keys of the last block, heads concatenated; LOST's choice for DINO),
             ``"values"``, or ``"tokens"`` (the last block's output tokens, each standardised like LayerNorm does).
     """
     if features not in FEATURES:
         raise InvalidConfigError(f"features must be one of {', '.join(map(repr, FEATURES))}; got {features!r}.")
-    tower = find_vision_tower(model)
     last = tower.blocks[-1]
-    module = last if features == "tokens" else attention_projection(last, features)
-    with capture([module]) as captured, eval_mode(model):
-        run_tower(model, pixel_values)
+    module = last if features == "tokens" else tower.attention_projection(last, features)
+    with capture([module]) as captured, eval_mode(tower.module):
+        run_tower(tower, pixel_values)
     sequence = captured[module]  # (B, S, C)
     if features == "tokens":
         sequence = torch.nn.functional.layer_norm(sequence, sequence.shape[-1:])  # (B, S, C)
-    return split_tokens(sequence, token_layout(model)).patches  # (B, N, C)
+    return split_tokens(sequence, token_layout(tower)).patches  # (B, N, C)
 
 
 def discover_objects(
@@ -134,16 +122,16 @@ def discover_objects(
     Args:
         model: A supported model, plain or with registers (a ``PeftModel`` included).
         images: Pixel values (B, 3, H, W), or images (PIL images, uint8 arrays, paths) turned into pixel values by
-            ``processor`` one batch at a time (see :func:`register_adapter.images.as_pixel_values`).
+            ``processor`` one batch at a time (see :func:`register_adapter.pixels.as_pixel_values`).
         features: ``"keys"`` (default, as LOST does for DINO), ``"values"`` or ``"tokens"``.
         k_patches: Size of the low-degree pool the seed expands over.
         processor: Image processor used when ``images`` are not pixel values; default
-            :func:`~register_adapter.images.default_processor`.
+            :func:`~register_adapter.pixels.default_processor`.
         batch_size: Images per forward pass.
 
     Returns:
         One ``(x0, y0, x1, y1)`` box per image (``x1``/``y1`` exclusive). For images, in pixels of each image: the
-        processor's resize and centre crop are undone (see :func:`~register_adapter.images.input_to_image`), so a
+        processor's resize and centre crop are undone (see :func:`~register_adapter.geometry.input_to_image`), so a
         box may reach into the margin a crop cut off. For pixel values, in pixels of the pixel values.
 
     >>> from register_adapter.testing import make_artifact_model, make_object_images
@@ -153,13 +141,14 @@ def discover_objects(
     >>> corloc(boxes, scene.boxes[:, None])
     1.0
     """
-    patch_size = find_vision_tower(model).patch_size
+    tower = find_vision_tower(model)
+    patch_size = tower.patch_size
     if processor is None and not isinstance(images, torch.Tensor):
-        processor = default_processor(model)
+        processor = default_processor(tower)
     boxes: list[Box] = []
-    for batch, image_sizes in sized_pixel_batches(images, model, processor, batch_size)[1]:
+    for batch, image_sizes in sized_pixel_batches(images, tower, processor, batch_size)[1]:
         grid = patch_grid(batch.shape, patch_size)
-        batch_features = patch_features(model, batch, features).float().cpu()  # (b, N, C): one copy per batch
+        batch_features = patch_features(tower, batch, features).float().cpu()  # (b, N, C): one copy per batch
         for index, image_features in enumerate(batch_features):
             x0, y0, x1, y1 = (v * patch_size for v in lost(image_features, grid, k_patches).box)
             if image_sizes is not None:

@@ -38,12 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .architectures import VisionTower, find_vision_tower
-from .discovery import attention_projection
-from .errors import InvalidConfigError, UnsupportedModelError
-from .hooks import capture
-from .images import patch_grid, run_tower
-from .tiny import TINY_MODELS, build_tiny_model
+from ..architectures import VisionTower, find_vision_tower
+from ..errors import InvalidConfigError, UnsupportedModelError
+from ..forward import run_tower
+from ..geometry import patch_grid
+from ..hooks import capture
+from ..tiny import TINY_MODELS, build_tiny_model
+from .scenes import make_object_images
 
 # Residual-stream channels with a planted meaning; every other channel carries patch content.
 _CONST, _GATE, _FIGURE = 0, 1, 2
@@ -58,51 +59,6 @@ _MEAN = _STD = (0.5, 0.5, 0.5)
 #: plain background patch: the write then puts it at about 10x the median norm or more (15x at full strength).
 FULL_STRENGTH_FRACTION = 0.5
 _PLANTABLE = ("vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa")
-
-
-@dataclass
-class ObjectImages:
-    """Synthetic scenes: one textured object on a plain background.
-
-    Attributes:
-        images: (n, H, W, 3) uint8.
-        boxes: (n, 4) int, the object's box ``(x0, y0, x1, y1)`` in pixels, ``x1``/``y1`` exclusive.
-    """
-
-    images: np.ndarray
-    boxes: np.ndarray
-
-
-def make_object_images(
-    num_images: int, image_size: int, *, seed: int = 0, min_fraction: float = 0.3, max_fraction: float = 0.55
-) -> ObjectImages:
-    """Draw ``num_images`` scenes of one textured rectangle on a plain, randomly coloured background.
-
-    The object's side lengths are ``min_fraction``..``max_fraction`` of the image side; its texture is per-pixel
-    colour noise around a random mean colour, so every patch inside it has high local contrast while every
-    background patch is perfectly uniform.
-
-    Args:
-        num_images: How many scenes.
-        image_size: Side length in pixels.
-        seed: Seed of the random generator; the same seed gives the same scenes.
-        min_fraction: Smallest object side, as a fraction of the image side.
-        max_fraction: Largest object side, as a fraction of the image side.
-    """
-    rng = np.random.default_rng(seed)
-    images = np.empty((num_images, image_size, image_size, 3), dtype=np.uint8)
-    boxes = np.empty((num_images, 4), dtype=np.int64)
-    for i in range(num_images):
-        background = rng.integers(0, 256, size=3)
-        images[i] = background
-        width, height = (rng.uniform(min_fraction, max_fraction, size=2) * image_size).round().astype(int)
-        x0 = int(rng.integers(0, image_size - width + 1))
-        y0 = int(rng.integers(0, image_size - height + 1))
-        mean = rng.integers(64, 192, size=3)
-        texture = mean + rng.normal(0.0, 60.0, size=(height, width, 3))  # (h, w, 3)
-        images[i, y0 : y0 + height, x0 : x0 + width] = np.clip(texture, 0, 255).astype(np.uint8)
-        boxes[i] = (x0, y0, x0 + width, y0 + height)
-    return ObjectImages(images=images, boxes=boxes)
 
 
 @dataclass
@@ -149,7 +105,9 @@ class ArtifactModel:
     def register_activations(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Summed activation of the register neurons at every patch, (B, h, w)."""
         h, w = self.grid
-        return _register_activations(self.model, self.neurons, pixel_values, h * w).reshape(-1, h, w)
+        return _register_activations(find_vision_tower(self.model), self.neurons, pixel_values, h * w).reshape(
+            -1, h, w
+        )
 
     def artifact_mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Ground truth: where the planted neurons wrote an artifact near full strength (activation above
@@ -181,29 +139,28 @@ def _flip_symmetric_filters(generator: torch.Generator, count: int, patch_size: 
     return filters / filters.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
 
 
-def _embedding_parameters(embeddings: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, list[torch.Tensor]]:
+def _embedding_parameters(tower: VisionTower) -> tuple[nn.Conv2d, torch.Tensor, list[torch.Tensor]]:
     """The patch-embedding conv, the position-embedding table viewed as (rows, D), and the learned tokens (CLS,
-    native registers, mask token) of an embeddings module."""
-    conv = next((m for m in embeddings.modules() if isinstance(m, nn.Conv2d)), None)
-    positions = [p for n, p in embeddings.named_parameters() if "position" in n]
-    if conv is None or len(positions) != 1:
+    native registers, mask token) of the tower's embeddings."""
+    conv, positions = tower.patch_embedding, tower.position_embeddings
+    if not isinstance(conv, nn.Conv2d) or positions is None:
         raise UnsupportedModelError(
-            f"{type(embeddings).__name__} has no convolutional patch embedding with a learned position table; "
+            f"{type(tower.embeddings).__name__} has no convolutional patch embedding with a learned position table; "
             "planted artifacts need both."
         )
-    skip = {id(p) for p in conv.parameters()} | {id(positions[0])}
-    tokens = [p.data for p in embeddings.parameters() if id(p) not in skip]
-    return conv, positions[0].data.view(-1, positions[0].shape[-1]), tokens
+    skip = {id(p) for p in conv.parameters()} | {id(positions)}
+    tokens = [p.data for p in tower.embeddings.parameters() if id(p) not in skip]
+    return conv, positions.data.view(-1, positions.shape[-1]), tokens
 
 
 def _capture(
-    model: nn.Module, pixel_values: torch.Tensor, inputs: Sequence[nn.Module] = (), output: nn.Module | None = None
+    tower: VisionTower, pixel_values: torch.Tensor, inputs: Sequence[nn.Module] = (), output: nn.Module | None = None
 ) -> list[torch.Tensor]:
     """Inputs of ``inputs`` and the output of ``output`` (appended last) on ``pixel_values``; the forward pass stops
     at the last of them."""
     outputs = [output] if output is not None else []
     with torch.no_grad(), capture(outputs, inputs, stop=True) as captured:
-        run_tower(model, pixel_values)
+        run_tower(tower, pixel_values)
     return [captured[m] for m in [*inputs, *outputs]]
 
 
@@ -331,7 +288,7 @@ def _plant_embeddings(
     tower: VisionTower, generator: torch.Generator, num_patches: int, patch_size: int, position_fraction: float
 ) -> torch.Tensor:
     """Set the patch embedding and position table; returns the position gate (N,) bool."""
-    conv, table, tokens = _embedding_parameters(tower.embeddings)
+    conv, table, tokens = _embedding_parameters(tower)
     hidden = conv.out_channels
     weight = torch.zeros_like(conv.weight)  # (D, 3, p, p)
     # Colour channels see the patch mean; content channels see texture (zero-mean, flip-symmetric filters).
@@ -390,7 +347,7 @@ def _plant_figure_ground(
     """
     fc1, fc2 = mlp
     num_patches = plain.shape[1]
-    signal = _capture(model, pixel_values, [fc1])[0][:, -num_patches:, _CONST]  # (B, N)
+    signal = _capture(tower, pixel_values, [fc1])[0][:, -num_patches:, _CONST]  # (B, N)
     # Weakly textured patches count as plain too: the split sits a quarter of the way from plain to textured.
     low, high = signal[~plain].median().item(), signal[plain].min().item()
     threshold = high - (high - low) / 4
@@ -401,7 +358,7 @@ def _plant_figure_ground(
         fc1.bias[unit] = -sign * scale * threshold
         fc2.weight[:, unit] = 0.0
         fc2.weight[_FIGURE, unit] = -sign
-    activations, output = _capture(model, pixel_values, [fc2], tower.blocks[0])
+    activations, output = _capture(tower, pixel_values, [fc2], tower.blocks[0])
     activations, output = activations[:, -num_patches:], output[:, -num_patches:]
     rest = torch.cat([output[..., :_FIGURE], output[..., _FIGURE + 1 :]], dim=-1).norm(dim=-1)  # (B, N)
     textured_norm = output.norm(dim=-1)[~plain].median()
@@ -434,7 +391,7 @@ def _plant_register_neurons(
     units = torch.randperm(fc2.in_features, generator=generator)[:num_neurons].tolist()
     num_patches = target.shape[1]
     block = tower.blocks[layer - 1]
-    inputs, outputs = _capture(model, pixel_values, [fc1], block)
+    inputs, outputs = _capture(tower, pixel_values, [fc1], block)
     inputs, outputs = inputs[:, -num_patches:], outputs[:, -num_patches:]  # (B, N, D)
     signal = inputs[..., _GATE] - inputs[..., _FIGURE]  # (B, N): plain and gated in
     threshold = _split_threshold(signal[target], signal[~target], "register-gate")
@@ -453,7 +410,7 @@ def _plant_register_neurons(
         fc2.weight[:, unit] = directions[i]
     # Scale the write w so that artifact tokens x + c w reach `ratio` x the median patch norm at the output of the
     # block: c solves |x + c w| = goal per token; the median c is used.
-    activations, written = _capture(model, pixel_values, [fc2], block)
+    activations, written = _capture(tower, pixel_values, [fc2], block)
     activations = activations[:, -num_patches:, units].sum(-1)  # (B, N)
     x = outputs[target]  # (T, D)
     w = written[:, -num_patches:][target] - x  # (T, D)
@@ -468,12 +425,11 @@ def _plant_register_neurons(
 
 
 def _register_activations(
-    model: nn.Module, neurons: list[tuple[int, int]], pixel_values: torch.Tensor, num_patches: int
+    tower: VisionTower, neurons: list[tuple[int, int]], pixel_values: torch.Tensor, num_patches: int
 ) -> torch.Tensor:
     """Summed activation of the register neurons at every patch, (B, N); patches come last in every layout."""
-    tower = find_vision_tower(model)
     layer = neurons[0][0]
-    (activations,) = _capture(model, pixel_values, [tower.mlp_out_proj(tower.blocks[layer - 1])])  # (B, S, I)
+    (activations,) = _capture(tower, pixel_values, [tower.mlp_out_proj(tower.blocks[layer - 1])])  # (B, S, I)
     return activations[:, -num_patches:, [unit for _, unit in neurons]].sum(-1)
 
 
@@ -488,8 +444,8 @@ def _plant_cls_attention(
     """Make the first head of the last block attend from CLS to artifact tokens: a rank-one change of its query and
     key projections adds about ``logit`` to the attention logit of CLS on an artifact."""
     block = tower.blocks[-1]
-    query, key = attention_projection(block, "queries"), attention_projection(block, "keys")
-    (normed,) = _capture(model, pixel_values, [query])  # (B, S, D), the input of the attention projections
+    query, key = tower.attention_projection(block, "queries"), tower.attention_projection(block, "keys")
+    (normed,) = _capture(tower, pixel_values, [query])  # (B, S, D), the input of the attention projections
     cls_dir = normed[:, 0].mean(0)  # (D,)
     cls_dir[:_CONTENT_START] = 0.0  # the CLS token's own direction, not the gate it shares with patches
     cls_dir = cls_dir / cls_dir.norm()

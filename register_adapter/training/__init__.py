@@ -1,0 +1,1 @@
+"""Training with the 🤗 ``Trainer``: shared arguments and run-time checks, and the classification task."""
