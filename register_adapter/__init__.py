@@ -42,7 +42,7 @@ _EXPORTS = {
     "from_dinov2_with_registers": "methods",
     "to_dinov2_with_registers": "methods",
     "ArtifactReport": "diagnostics",
-    "corloc": "diagnostics",
+    "corloc": "metrics",
     "discover_objects": "diagnostics",
     "find_artifacts": "diagnostics",
 }
@@ -97,7 +97,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .architectures import FamilySpec, VisionTower, find_vision_tower, register_family, supported_model_types
-    from .diagnostics import ArtifactReport, corloc, discover_objects, find_artifacts
+    from .diagnostics import ArtifactReport, discover_objects, find_artifacts
     from .errors import (
         AdapterFilesError,
         AdapterMismatchError,
@@ -109,6 +109,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from .methods import from_dinov2_with_registers, to_dinov2_with_registers
+    from .metrics import corloc
     from .peft_integration import REGISTERS
     from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout
     from .tuner import RegisterConfig, RegisterLayer, RegisterModel, add_registers

@@ -10,11 +10,12 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import transformers
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 
 from .errors import InvalidConfigError
@@ -34,6 +35,60 @@ def _register_config(model: PeftModel, adapter_name: str) -> RegisterConfig:
     return config
 
 
+#: Metric name (without ``eval_``) -> (``model-index`` metric type, display name). Metrics not listed appear in the
+#: card's table only.
+METRIC_TYPES = {
+    "accuracy": ("accuracy", "Accuracy"),
+    "top5_accuracy": ("accuracy", "Top-5 accuracy"),
+    "corloc": ("corloc", "CorLoc"),
+    "outlier_fraction": ("outlier_fraction", "Outlier fraction"),
+    "norm_ratio": ("norm_ratio", "Max / median token norm"),
+}
+
+
+@dataclass(frozen=True)
+class EvalSetting:
+    """What ``metrics`` were measured on, for the card's ``model-index`` (the Hub's evaluation results).
+
+    Attributes:
+        task_type: A Hub task id, e.g. ``"image-classification"``, ``"image-feature-extraction"``.
+        dataset_name: The dataset's name as shown, e.g. ``"imagenet-1k"`` or a folder's name.
+        dataset_type: The Hub dataset id, or ``"imagefolder"`` for local folders.
+        dataset_split: The split the metrics were measured on.
+    """
+
+    task_type: str
+    dataset_name: str
+    dataset_type: str = "imagefolder"
+    dataset_split: str | None = None
+
+
+def eval_results(metrics: dict[str, Any], setting: EvalSetting) -> list[EvalResult]:
+    """The ``model-index`` entries of ``metrics`` (names with or without ``eval_``; see :data:`METRIC_TYPES`).
+
+    >>> [(r.metric_type, r.metric_name, r.metric_value) for r in eval_results(
+    ...     {"eval_accuracy": 0.5, "eval_loss": 1.2}, EvalSetting("image-classification", "pets"))]
+    [('accuracy', 'Accuracy', 0.5)]
+    """
+    results = []
+    for name, value in metrics.items():
+        known = METRIC_TYPES.get(name.removeprefix("eval_"))
+        if known is None or not isinstance(value, (int, float)):
+            continue
+        results.append(
+            EvalResult(
+                task_type=setting.task_type,
+                dataset_type=setting.dataset_type,
+                dataset_name=setting.dataset_name,
+                dataset_split=setting.dataset_split,
+                metric_type=known[0],
+                metric_name=known[1],
+                metric_value=float(value),
+            )
+        )
+    return results
+
+
 def render_model_card(
     model: PeftModel,
     adapter_name: str = "default",
@@ -42,6 +97,7 @@ def render_model_card(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     tags: Sequence[str] = (),
+    evaluated_on: EvalSetting | None = None,
 ) -> ModelCard:
     """Build the model card of a register adapter from ``model_cards/adapter_card.md``.
 
@@ -49,9 +105,11 @@ def render_model_card(
         model: The ``PeftModel`` holding the adapter.
         adapter_name: Which adapter the card describes.
         repo_id: Hub id the card shows in its loading snippet.
-        metrics: Evaluation results, e.g. ``{"eval_accuracy": 0.91}``.
+        metrics: Evaluation results, e.g. ``{"eval_accuracy": 0.91}``; shown in the card's table and, with
+            ``evaluated_on``, as ``model-index`` results that the Hub displays.
         training: Training setup, e.g. ``{"learning_rate": 1e-3, "epochs": 3}``.
         tags: Hub tags added to the card's own.
+        evaluated_on: The task and dataset ``metrics`` were measured on.
     """
     config = _register_config(model, adapter_name)
     base = model.get_base_model()
@@ -68,19 +126,23 @@ def render_model_card(
         lora = f"rank {config.lora_r}, alpha {config.lora_alpha} on {targets}"
     own = ["register_adapter", "registers", "vision-transformer", str(config.family), f"registers-{config.method}"]
     tags = own + [tag for tag in tags if tag not in own]
+    name = base_model.rstrip("/").split("/")[-1] or type(base).__name__
+    title = f"{name} with {config.num_register_tokens} register tokens"
+    results = eval_results(metrics or {}, evaluated_on) if evaluated_on is not None else []
     card_data = ModelCardData(
         library_name="peft",
         base_model=hub_id,
         tags=tags,
         license=None,
+        model_name=(repo_id or title) if results else None,
+        eval_results=results or None,
     )
-    name = base_model.rstrip("/").split("/")[-1] or type(base).__name__
     template = resources.files("register_adapter.model_cards").joinpath(CARD_TEMPLATE)
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(
             card_data,
             template_path=str(template_path),
-            title=f"{name} with {config.num_register_tokens} register tokens",
+            title=title,
             base_model=base_model or f"a {type(base).__name__} built from its config",
             base_model_url=f"https://huggingface.co/{hub_id}" if hub_id else None,
             load_path=base_model or "path/to/the/base/model",
@@ -122,6 +184,7 @@ def push_to_hub(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     tags: Sequence[str] = (),
+    evaluated_on: EvalSetting | None = None,
     extra_files: Sequence[str | os.PathLike] = (),
 ) -> str:
     """Save the adapter with its model card into a temporary folder and upload it in one commit.
@@ -136,7 +199,15 @@ def push_to_hub(
     with tempfile.TemporaryDirectory() as tmp:
         peft_method("save_pretrained")(model, tmp, selected_adapters=[adapter_name])
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
-        card = render_model_card(model, adapter_name, repo_id=repo_id, metrics=metrics, training=training, tags=tags)
+        card = render_model_card(
+            model,
+            adapter_name,
+            repo_id=repo_id,
+            metrics=metrics,
+            training=training,
+            tags=tags,
+            evaluated_on=evaluated_on,
+        )
         card.save(os.path.join(folder, "README.md"))
         operations = [
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from register_adapter.cli import main
 
 
@@ -12,12 +14,14 @@ def test_unknown_command_exits_2_with_usage(capsys):
     )
 
 
+@pytest.mark.slow
 def test_console_script_help_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "register_adapter.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "  demo       add registers to a model, train them a few steps, save and reload" in result.stdout
 
 
+@pytest.mark.slow
 def test_help_and_import_load_no_model_code():
     """`register-adapter --help` answers without importing torch, transformers or peft (they take seconds), and
     `import register_adapter` alone arms the PEFT method for when peft is imported."""

@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPImageProcessorPil, EvalPrediction, ViTImageProcessorPil
 
 from register_adapter.errors import DataError
-from register_adapter.images import image_extensions, rgb_image
+from register_adapter.images import image_extensions, load_image, rgb_image
 from register_adapter.sources import check_images, drop_unreadable_images, find_unreadable_images
 from register_adapter.training.augment import ImageClassificationTransform, apply_transforms, random_resized_crop_box
 from register_adapter.training.data import check_labels, load_image_dataset, load_image_folder, take_samples
@@ -456,17 +456,18 @@ def test_evaluation_transform_is_the_image_processor_alone():
     assert pixels.shape == (2, 3, 30, 30)
 
 
-def test_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white_by_training_and_diagnostics(tmp_path):
     gradient = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
     (tmp_path / "grey").mkdir()
     PIL.Image.fromarray(gradient).save(tmp_path / "grey" / "gradient.png")
-    expected = np.round(gradient / 257).astype(np.uint8)  # 65535 -> 255: the 16-bit range onto the 8-bit one
+    expected = np.stack([np.round(gradient / 257).astype(np.uint8)] * 3, axis=-1)  # 65535 -> 255
     dataset = load_image_folder(tmp_path)
     assert dataset[0]["image"].mode == "I;16"
-    assert np.array_equal(np.asarray(rgb_image(dataset[0]["image"])), np.stack([expected] * 3, axis=-1))
+    assert np.array_equal(np.asarray(rgb_image(dataset[0]["image"])), expected)  # training reads it so
+    assert np.array_equal(np.asarray(load_image(tmp_path / "grey" / "gradient.png")), expected)  # diagnostics too
 
     dataset.set_transform(ImageClassificationTransform(processor(), train=False))
-    plain = processor()(images=[PIL.Image.fromarray(expected).convert("RGB")], return_tensors="pt")["pixel_values"]
+    plain = processor()(images=[PIL.Image.fromarray(expected)], return_tensors="pt")["pixel_values"]
     assert torch.equal(dataset[0]["pixel_values"], plain[0])
 
 

@@ -34,6 +34,7 @@ def saved(tmp_path_factory):
     return root, planted, scene
 
 
+@pytest.mark.slow
 def test_report_and_pictures(saved, tmp_path, capsys):
     root, planted, scene = saved
     out = tmp_path / "out"
@@ -69,6 +70,7 @@ def test_report_and_pictures(saved, tmp_path, capsys):
     assert f"outliers from layer {planted.layer} on" in printed
 
 
+@pytest.mark.slow
 def test_adapter_before_and_after(saved, tmp_path, monkeypatch):
     root, planted, scene = saved
     out = tmp_path / "out"

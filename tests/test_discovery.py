@@ -12,8 +12,9 @@ from transformers import CLIPImageProcessorPil, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from register_adapter import add_registers
-from register_adapter.diagnostics.discovery import box_iou, corloc, discover_objects, lost
+from register_adapter.diagnostics.discovery import discover_objects, lost
 from register_adapter.errors import InvalidConfigError
+from register_adapter.metrics import box_iou, corloc
 from register_adapter.testing import make_object_images
 
 
@@ -57,6 +58,17 @@ def test_box_iou_and_corloc_numbers():
         InvalidConfigError, match=r"^corloc needs one predicted box per image: got 3 predictions for 2 images\.$"
     ):
         corloc(predicted, truth[:2])
+
+
+def test_corloc_refuses_one_box_per_image_where_a_list_of_boxes_is_due():
+    with pytest.raises(InvalidConfigError) as raised:
+        corloc([(0, 0, 10, 10)], [(0, 0, 10, 10)])
+    assert str(raised.value) == (
+        "corloc: ground truth 0 is (0, 0, 10, 10), not a list of boxes (x0, y0, x1, y1): give each image a list of its "
+        "boxes, e.g. [[box]] for one image with one box."
+    )
+    with pytest.raises(InvalidConfigError, match=r"^corloc: prediction 0 is 7, not a box \(x0, y0, x1, y1\): give "):
+        corloc([7], [[(0, 0, 10, 10)]])
 
 
 @pytest.mark.parametrize("family", ["dinov2", "clip-vision"])

@@ -45,17 +45,24 @@ def test_relative_position_bias_families_are_refused_with_the_reason(name):
         add_registers(build_tiny_model(name))
 
 
-@pytest.mark.parametrize("count", [0, -1, 2.5, True, "4"])
-def test_num_register_tokens_must_be_a_positive_int(count):
-    message = f"num_register_tokens must be a positive int, got {count!r}. Papers use 4 (trained) or 16 (PH-Reg)."
+CONFIG_ERRORS = [
+    *[
+        ({"num_register_tokens": count}, f"num_register_tokens must be a positive int, got {count!r}. Papers use 4 "
+         "(trained) or 16 (PH-Reg).")
+        for count in (0, -1, 2.5, True, "4")
+    ],
+    *[({"lora_r": rank}, f"lora_r must be an int >= 0, got {rank!r}. 0 disables LoRA.") for rank in (-1, 1.5, True)],
+    ({"init": "xavier"}, "init must be one of normal, zeros, scaled_randn, got 'xavier'."),
+    ({"method": "magic"}, "method must be one of trained, distilled, test-time, got 'magic'."),
+    ({"strip_registers": "no"}, "strip_registers must be True or False, got 'no'."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "message"), CONFIG_ERRORS, ids=[str(k) for k, _ in CONFIG_ERRORS])
+def test_config_fields_are_checked(kwargs, message):
     with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
-        RegisterConfig(num_register_tokens=count)
+        RegisterConfig(**kwargs)
     assert issubclass(InvalidConfigError, ValueError) and issubclass(InvalidConfigError, RegisterAdapterError)
-
-
-def test_unknown_init_is_refused():
-    with pytest.raises(InvalidConfigError, match="^init must be one of normal, zeros, scaled_randn, got 'xavier'.$"):
-        RegisterConfig(init="xavier")
 
 
 def test_adapter_for_another_hidden_size_is_refused(tmp_path):

@@ -32,17 +32,23 @@ def test_card_of_a_lora_adapter_names_its_rank_and_targets():
     assert "| LoRA in the same adapter | rank 8, alpha 32 on `q_proj`, `v_proj` |" in card
 
 
-def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(fake_hub, tmp_path):
-    build_tiny_model("tiny-vit", "classification", num_labels=3).save_pretrained(fake_hub.snapshot("org/tiny-vit"))
-    fake_hub.create_repo(None, "org/tiny-vit")
+@pytest.mark.parametrize("made_by", ["add_registers", "PeftModel.from_pretrained"])
+def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(made_by, fake_hub, tmp_path):
     model = trained_adapter()
+    if made_by == "PeftModel.from_pretrained":  # peft's own class: the behaviour is not tied to add_registers
+        model.save_pretrained(tmp_path / "adapter")
+        model = PeftModel.from_pretrained(
+            build_tiny_model("tiny-vit", "classification", num_labels=3), tmp_path / "adapter"
+        )
+        assert type(model) is PeftModel
     model.card_metadata = {"metrics": {"eval_accuracy": 0.875}}
-    model.push_to_hub("org/vit-registers")
+    model.push_to_hub("org/vit-registers", max_shard_size="1GB", use_temp_dir=True)  # arguments without a meaning
 
     assert fake_hub.commits == [
         ("org/vit-registers", ["README.md", "adapter_config.json", "adapter_model.safetensors"])
     ]
     card = (fake_hub.snapshot("org/vit-registers") / "README.md").read_text()
+    assert card.startswith("---\nbase_model: org/tiny-vit\n")
     assert "# tiny-vit with 4 register tokens" in card
     assert "| register tokens | 4 |" in card
     assert "| eval_accuracy | 0.875 |" in card
@@ -57,6 +63,13 @@ def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(fake_hub, tmp_pa
     assert "arxiv.org/abs/2309.16588" in card
     assert "library_name: peft" in card and "- register_adapter" in card
 
+
+@pytest.mark.slow
+def test_a_pushed_adapter_loads_from_the_hub_in_a_fresh_process(fake_hub, tmp_path):
+    build_tiny_model("tiny-vit", "classification", num_labels=3).save_pretrained(fake_hub.snapshot("org/tiny-vit"))
+    fake_hub.create_repo(None, "org/tiny-vit")
+    model = trained_adapter()
+    model.push_to_hub("org/vit-registers")
     with torch.no_grad():
         expected = model(pixel_values=X).logits
     save_file({"x": X, "expected": expected}, tmp_path / "expected.safetensors")
@@ -105,6 +118,7 @@ def test_save_is_atomic_an_interrupted_save_leaves_the_old_adapter(tmp_path):
         assert torch.equal(reloaded(pixel_values=X).logits, old)
 
 
+@pytest.mark.slow
 def test_reload_in_a_fresh_process_gives_identical_outputs(tmp_path):
     model = trained_adapter()
     model.save_pretrained(tmp_path / "adapter")

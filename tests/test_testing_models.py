@@ -11,9 +11,12 @@ from testing_common import hidden_patch_norms, planted_model
 from register_adapter import find_vision_tower
 from register_adapter.diagnostics.discovery import patch_features
 from register_adapter.errors import UnsupportedModelError
-from register_adapter.testing import FULL_STRENGTH_FRACTION, make_artifact_model, make_object_images
-
-FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
+from register_adapter.testing import (
+    FULL_STRENGTH_FRACTION,
+    PLANTABLE_FAMILIES,
+    make_artifact_model,
+    make_object_images,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def scene():
     return make_object_images(8, 32, seed=7)
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=PLANTABLE_FAMILIES)
 def planted(request):
     return planted_model(request.param)
 

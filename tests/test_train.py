@@ -125,6 +125,17 @@ def test_training_changes_registers_and_head_only_and_keeps_the_best_adapter(ima
     card = (out / "README.md").read_text()
     assert f"| eval_accuracy | {results['eval_accuracy']:.4g} |" in card
     assert "| base model | tiny-vit |" in card and "| training images | 12 |" in card
+    # ... and its metadata holds them as model-index results, which the Hub shows.
+    from huggingface_hub import ModelCard
+
+    (entry,) = ModelCard(card).data.eval_results
+    assert (entry.task_type, entry.dataset_type, entry.dataset_name, entry.dataset_split) == (
+        "image-classification",
+        "imagefolder",
+        "train",
+        "0.25 held out of train",
+    )
+    assert (entry.metric_type, entry.metric_value) == ("accuracy", results["eval_accuracy"])
 
     # Next to the adapter: the base model's config with the label names, and the image processor's config.
     config = json.loads((out / "config.json").read_text())
@@ -184,6 +195,7 @@ sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
+@pytest.mark.slow
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_registers(tmp_path):
     # 12 images, batch 4: 3 steps per epoch; the kill at step 4 lands inside the second epoch, so resuming skips
     # batches and has to reproduce that epoch's augmentations.
@@ -494,3 +506,29 @@ def test_resume_with_other_adapter_settings_is_refused_before_training(images, t
     with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
         run(images, out, "--max_steps", "4", *schedule, *other)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_register_flags_are_an_explicit_list_with_the_config_defaults(capsys):
+    import dataclasses
+
+    from register_adapter import RegisterConfig
+    from register_adapter.training.arguments import RegisterArguments
+
+    names = [field.name for field in dataclasses.fields(RegisterArguments)]
+    assert names == [
+        "num_register_tokens",
+        "init",
+        "strip_registers",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+    ]
+    chosen, config = RegisterArguments(), RegisterConfig()
+    assert {name: getattr(chosen, name) for name in names} == {name: getattr(config, name) for name in names}
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    usage = capsys.readouterr().out
+    assert "--num_register_tokens" in usage and "--lora_target_modules" in usage
+    # Fields filled in from the model or by a method are not flags.
+    assert not any(f"--{name} " in usage for name in ("family", "hidden_size", "method", "target_modules"))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_data import make_image_folder
 from test_train import cli_args, registers, saved_registers
@@ -59,6 +60,7 @@ sys.exit(status)
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     # 12 training and 4 validation images; global batch 4 = 2 processes x 2 or 1 process x 4; 3 steps per epoch.
     data = make_image_folder(tmp_path / "train", per_class=8)

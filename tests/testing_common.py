@@ -14,6 +14,15 @@ UNSUPPORTED = {"tiny-beit", "tiny-data2vec-vision"}
 CASES = [(name, task) for name, (_, _, tasks) in TINY_MODELS.items() if name not in UNSUPPORTED for task in tasks]
 CASE_IDS = [f"{name}-{task}" for name, task in CASES]
 
+# How an adapter is made: RegisterConfig keyword arguments of each way to fill it. The canonical adapter checks (shapes,
+# disable_adapter, train/save/reload) run on every case with every configuration.
+ADAPTER_CONFIGS = {
+    "registers": {"init": "scaled_randn"},
+    "registers+lora": {"init": "scaled_randn", "lora_r": 2},
+}
+MATRIX = [(name, task, config) for name, task in CASES for config in ADAPTER_CONFIGS]
+MATRIX_IDS = [f"{name}-{task}-{config}" for name, task, config in MATRIX]
+
 
 def make_inputs(name: str, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Model inputs for the tiny model ``name``; deterministic for a given seed."""
@@ -49,6 +58,17 @@ def tensors(output) -> list[torch.Tensor]:
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in tensors(item)]
     return []
+
+
+def train_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int = 3) -> torch.nn.Module:
+    """A few Adam steps on every trainable parameter (a loss that moves every output), then eval mode."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        loss = sum(t.float().pow(2).mean() for t in tensors(model(**inputs)) if t.is_floating_point())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
 
 
 def shapes(output) -> list[tuple[int, ...]]:

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from register_adapter.diagnostics import find_artifacts
-from register_adapter.diagnostics.discovery import corloc, discover_objects
+from register_adapter.diagnostics.discovery import discover_objects
+from register_adapter.metrics import corloc
 from register_adapter.diagnostics.viz import (
     artifact_panel,
     before_after,

@@ -2,7 +2,7 @@
 and pictures."""
 
 from .artifacts import ArtifactReport, ImageArtifacts, LayerStats, block_output_norms, check_layer, find_artifacts
-from .discovery import corloc, discover_objects
+from .discovery import discover_objects
 from .thresholds import Threshold, bimodal_threshold, check_threshold, resolve_threshold
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "block_output_norms",
     "check_layer",
     "check_threshold",
-    "corloc",
     "discover_objects",
     "find_artifacts",
     "resolve_threshold",

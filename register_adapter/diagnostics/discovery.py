@@ -8,7 +8,8 @@ tokens break it: they correlate with almost nothing and become the seed. With re
 rises from 35.3 to 55.4 (Darcet et al., https://arxiv.org/abs/2309.16588, Table 3).
 
 >>> import torch
->>> from register_adapter.diagnostics.discovery import corloc, lost
+>>> from register_adapter.diagnostics.discovery import lost
+>>> from register_adapter.metrics import corloc
 >>> features = torch.full((4, 4, 2), -1.0); features[1:3, 1:3] = 1.0  # a 2 x 2 object on a 4 x 4 grid
 >>> lost(features.reshape(16, 2), (4, 4)).box
 (1, 1, 3, 3)
@@ -18,7 +19,6 @@ rises from 35.3 to 55.4 (Darcet et al., https://arxiv.org/abs/2309.16588, Table 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +134,7 @@ def discover_objects(
         processor's resize and centre crop are undone (see :func:`~register_adapter.geometry.input_to_image`), so a
         box may reach into the margin a crop cut off. For pixel values, in pixels of the pixel values.
 
+    >>> from register_adapter.metrics import corloc
     >>> from register_adapter.testing import make_artifact_model, make_object_images
     >>> planted = make_artifact_model("dinov2")
     >>> scene = make_object_images(4, planted.image_size)
@@ -158,34 +159,3 @@ def discover_objects(
                 y0, y1 = (min(max(round((y + top) * scale_y), 0), height) for y in (y0, y1))
             boxes.append((x0, y0, x1, y1))
     return boxes
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    intersection = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
-    return intersection / union if union > 0 else 0.0
-
-
-def corloc(
-    predicted: Sequence[Sequence[float]], ground_truth: Sequence[Sequence[Sequence[float]]], iou_threshold: float = 0.5
-) -> float:
-    """Correct localisation: the fraction of images whose predicted box overlaps *some* ground-truth box of that
-    image with IoU >= ``iou_threshold`` (0.5 in LOST and in the registers paper).
-
-    Args:
-        predicted: One box per image.
-        ground_truth: Per image, a list of boxes (any of them counts).
-        iou_threshold: Minimum IoU of a correct localisation.
-    """
-    if len(predicted) != len(ground_truth):
-        raise InvalidConfigError(
-            f"corloc needs one predicted box per image: got {len(predicted)} predictions for {len(ground_truth)} "
-            "images."
-        )
-    if not predicted:
-        raise InvalidConfigError("corloc needs at least one image.")
-    hits = [any(box_iou(p, g) >= iou_threshold for g in truths) for p, truths in zip(predicted, ground_truth)]
-    return float(np.mean(hits))

@@ -1,7 +1,14 @@
 """Models with planted artifacts and scenes with known objects: ground truth for tests, demos and benchmarks,
 without downloading weights."""
 
-from .planted import FULL_STRENGTH_FRACTION, ArtifactModel, make_artifact_model
+from .planted import FULL_STRENGTH_FRACTION, PLANTABLE_FAMILIES, ArtifactModel, make_artifact_model
 from .scenes import ObjectImages, make_object_images
 
-__all__ = ["FULL_STRENGTH_FRACTION", "ArtifactModel", "ObjectImages", "make_artifact_model", "make_object_images"]
+__all__ = [
+    "FULL_STRENGTH_FRACTION",
+    "PLANTABLE_FAMILIES",
+    "ArtifactModel",
+    "ObjectImages",
+    "make_artifact_model",
+    "make_object_images",
+]

@@ -58,7 +58,8 @@ _MEAN = _STD = (0.5, 0.5, 0.5)
 #: A token is a ground-truth artifact when the register neurons fire at least this fraction of their activation on a
 #: plain background patch: the write then puts it at about 10x the median norm or more (15x at full strength).
 FULL_STRENGTH_FRACTION = 0.5
-_PLANTABLE = ("vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa")
+#: The families make_artifact_model plants artifacts in (plain fc1 -> GELU -> fc2 MLPs, a learned position table).
+PLANTABLE_FAMILIES = ("vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa")
 
 
 @dataclass
@@ -166,9 +167,9 @@ def _capture(
 
 def _build(family: str, seed: int, **sizes: Any) -> nn.Module:
     name = f"tiny-{family}"
-    if family not in _PLANTABLE or name not in TINY_MODELS:
+    if family not in PLANTABLE_FAMILIES or name not in TINY_MODELS:
         raise UnsupportedModelError(
-            f"Cannot plant artifacts in family {family!r}. Available: {', '.join(_PLANTABLE)}."
+            f"Cannot plant artifacts in family {family!r}. Available: {', '.join(PLANTABLE_FAMILIES)}."
         )
     base = TINY_MODELS[name][1]
     if "vision_config" in base:  # full CLIP: the sizes are those of the vision tower

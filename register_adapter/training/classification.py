@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -35,6 +36,7 @@ from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
 from ..architectures import find_vision_tower
 from ..errors import InvalidConfigError, UnsupportedModelError
+from ..hub import EvalSetting
 from ..loading import load_model
 from ..sources import BAD_IMAGE_POLICIES, IMAGE_CHECKS, check_choice
 from ..tuner import add_registers
@@ -184,6 +186,16 @@ def _training_summary(
     return {k: v for k, v in summary.items() if v is not None}
 
 
+def _evaluated_on(data_args: ClassificationDataArguments) -> EvalSetting:
+    """The dataset the validation metrics come from, for the card's ``model-index``."""
+    if data_args.dataset_name is not None:
+        split = data_args.validation_split or "validation"
+        return EvalSetting("image-classification", data_args.dataset_name, data_args.dataset_name, split)
+    folder = data_args.validation_dir or data_args.train_dir
+    split = "validation" if data_args.validation_dir else f"{data_args.train_val_split:g} held out of train"
+    return EvalSetting("image-classification", Path(folder).resolve().name, "imagefolder", split)
+
+
 def train(
     model_args: ModelArguments,
     data_args: ClassificationDataArguments,
@@ -296,6 +308,7 @@ def train(
         hub_repo_id=hub_repo_id,
         metrics=card_metrics,
         summary=summary,
+        evaluated_on=_evaluated_on(data_args) if "validation" in splits else None,
         extra_files=(CONFIG_NAME, IMAGE_PROCESSOR_NAME),
     )
     return trainer

@@ -1,10 +1,13 @@
-"""Classification metrics for the ``Trainer``, computed locally (``evaluate.load("accuracy")`` needs the Hub).
+"""Classification metrics for the ``Trainer``, through the offline ``evaluate`` module
+:class:`register_adapter.metrics.TopKAccuracy` (``evaluate.load("accuracy")`` needs the Hub).
 
 Logits never leave the device in full: :func:`top_k_predictions` (the ``preprocess_logits_for_metrics`` hook)
 keeps the ``k`` best class ids per image, so evaluation memory grows with ``k``, not with the number of classes.
 
 >>> import numpy as np
 >>> from transformers import EvalPrediction
+
+from ..metrics.accuracy import TopKAccuracy
 >>> compute = ClassificationMetrics(num_labels=10)
 >>> ranked = np.array([[3, 1, 2, 0, 4], [0, 1, 2, 3, 4]])  # (N, k) class ids, best first
 >>> compute(EvalPrediction(predictions=ranked, label_ids=np.array([3, 4])))
@@ -16,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import EvalPrediction
+
+from ..metrics.accuracy import TopKAccuracy
 
 TOP_K = 5
 
@@ -41,14 +46,6 @@ def metric_names(num_labels: int) -> list[str]:
     return ["loss", "accuracy"] + ([f"top{TOP_K}_accuracy"] if num_labels > TOP_K else [])
 
 
-def accuracy(ranked: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Fraction of rows whose label is among the first ``k`` ids of ``ranked`` (``(N, >=k)``, best first)."""
-    if len(labels) == 0:
-        return float("nan")
-    hits = (ranked[:, :k] == labels[:, None]).any(axis=1)
-    return float(hits.mean())
-
-
 class ClassificationMetrics:
     """``compute_metrics`` for the ``Trainer``: ``accuracy``, plus ``top5_accuracy`` with more than five classes.
 
@@ -60,6 +57,8 @@ class ClassificationMetrics:
 
     def __init__(self, num_labels: int) -> None:
         self.num_labels = num_labels
+        # In memory: no cache files that several processes of a distributed run would share.
+        self.metric = TopKAccuracy(keep_in_memory=True)
 
     def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
         ranked = prediction.predictions
@@ -69,7 +68,5 @@ class ClassificationMetrics:
         labels = np.asarray(prediction.label_ids).reshape(-1)
         if np.issubdtype(ranked.dtype, np.floating):  # raw logits
             ranked = np.argsort(-ranked, axis=-1, kind="stable")[:, :TOP_K]
-        metrics = {"accuracy": accuracy(ranked, labels, 1)}
-        if self.num_labels > TOP_K:
-            metrics[f"top{TOP_K}_accuracy"] = accuracy(ranked, labels, TOP_K)
-        return metrics
+        k = TOP_K if self.num_labels > TOP_K else 1
+        return self.metric.compute(predictions=ranked[:, :TOP_K], references=labels, k=k)

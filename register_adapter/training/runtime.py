@@ -24,6 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import InvalidConfigError, RegisterAdapterError
+from ..hub import EvalSetting, push_to_hub, render_model_card
 from ..sources import drop_unreadable_images, find_unreadable_images
 
 logger = logging.getLogger(__name__)
@@ -199,19 +200,22 @@ def publish(
     hub_repo_id: str | None,
     metrics: dict[str, Any],
     summary: dict[str, Any],
+    evaluated_on: EvalSetting | None = None,
     extra_files: Sequence[str] = (),
 ) -> None:
     """On the main process: write the model card (``metrics`` and the training ``summary``) next to the adapter the
     ``Trainer`` saved in ``--output_dir`` and, with ``hub_repo_id``, push adapter, card and ``extra_files`` (names in
     ``--output_dir``) in one commit."""
-    from ..hub import push_to_hub, render_model_card
-
     if not trainer.is_world_process_zero():
         return
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     output_dir = training_args.output_dir
     card = render_model_card(
-        peft_model, repo_id=hub_repo_id or training_args.hub_model_id, metrics=metrics, training=summary
+        peft_model,
+        repo_id=hub_repo_id or training_args.hub_model_id,
+        metrics=metrics,
+        training=summary,
+        evaluated_on=evaluated_on,
     )
     card.save(os.path.join(output_dir, "README.md"))
     if hub_repo_id is not None:
@@ -223,6 +227,7 @@ def publish(
             revision=training_args.hub_revision,
             metrics=metrics,
             training=summary,
+            evaluated_on=evaluated_on,
             extra_files=[os.path.join(output_dir, name) for name in extra_files],
         )
         logger.info("Pushed the adapter to %s", url)
