@@ -25,7 +25,6 @@ from PIL import Image
 
 from register_adapter.diagnostics import find_artifacts
 from register_adapter.diagnostics.discovery import discover_objects
-from register_adapter.metrics import corloc
 from register_adapter.diagnostics.viz import (
     artifact_panel,
     before_after,
@@ -37,6 +36,7 @@ from register_adapter.diagnostics.viz import (
 )
 from register_adapter.images import load_image
 from register_adapter.loading import PLANTED_SIZES
+from register_adapter.metrics import corloc
 from register_adapter.testing import make_artifact_model, make_object_images
 
 
