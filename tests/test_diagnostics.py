@@ -428,3 +428,23 @@ def test_detects_planted_artifacts_on_cuda(scene, dtype):
     precision, recall = precision_recall(report, truth)
     assert precision >= 0.95 and recall >= 0.95
     assert report.first_outlier_layer == planted.layer
+
+
+def test_the_vision_tower_is_resolved_once_per_call(monkeypatch, scene):
+    from register_adapter.architectures import VisionTower
+    from register_adapter.diagnostics import discover_objects
+
+    planted = planted_model("dinov2")
+    pixel_values = planted.preprocess(scene.images[:4])
+    created = []
+    original = VisionTower.__init__
+
+    def counting(self, *args, **kwargs):
+        created.append(type(args[0] if args else kwargs["module"]).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTower, "__init__", counting)
+    find_artifacts(planted.model, pixel_values, batch_size=2)
+    patch_views(planted.model, pixel_values)
+    discover_objects(planted.model, list(scene.images[:4]), processor=planted.processor, batch_size=2)
+    assert created == ["Dinov2Model"] * 3
