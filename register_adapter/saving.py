@@ -67,9 +67,11 @@ def _process_runs(pid: int) -> bool:
     return True
 
 
-def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, config: Any = None, **hub_kwargs) -> str:
-    """Return the local path of ``adapter_model.safetensors`` after checking that its header can be read and, given
-    the ``config`` saved with it, that its registers have the shape that config describes."""
+def check_adapter_weights(
+    path_or_repo_id: str, subfolder: str | None = None, config: Any = None, **hub_kwargs
+) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the weights in ``adapter_model.safetensors``, after checking that its header can be read
+    and, given the ``config`` saved with it, that its registers have the shape that config describes."""
     from huggingface_hub import hf_hub_download
     from safetensors import safe_open
 
@@ -111,4 +113,4 @@ def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, co
                     f"{config.num_register_tokens} registers of width {config.hidden_size}: the two files come from "
                     "different saves. Save the adapter again."
                 )
-    return weights
+    return shapes

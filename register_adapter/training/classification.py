@@ -10,8 +10,10 @@ or ``accelerate launch -m register_adapter.cli train``); every flag of ``transfo
 What trains: the register tokens, the new classification head (saved in the adapter through ``modules_to_save``),
 and, with ``--lora_r N``, LoRA on the attention projections of the vision tower, all in one adapter that
 ``PeftModel.from_pretrained`` restores whole. At the end the best checkpoint (by validation accuracy) is saved to
-``--output_dir`` with the base model's ``config.json`` (its labels), the image processor's config and a model card
-that holds the evaluation metrics and the training setup.
+``--output_dir`` with the image processor's config and a model card that holds the evaluation metrics and the
+training setup; the adapter config holds the class names (``labels``), so (after ``import register_adapter``)
+``AutoModelForImageClassification.from_pretrained(output_dir)`` and ``pipeline("image-classification",
+model=output_dir)`` give the trained classifier with its labels when ``--model`` was a Hub id or a folder.
 
 From Python:
 
@@ -31,7 +33,7 @@ from typing import Any
 import datasets
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from ..architectures import find_vision_tower
 from ..errors import InvalidConfigError, UnsupportedModelError
@@ -234,7 +236,9 @@ def train(
         check_metric_for_best_model(training_args.metric_for_best_model, len(labels))
 
     model, image_processor = load_model(model_args.model, "classification", labels=labels, **model_args.load_kwargs())
-    model = add_registers(model, modules_to_save=head_modules(model), **register_config_kwargs(register_args))
+    model = add_registers(
+        model, modules_to_save=head_modules(model), labels=labels, **register_config_kwargs(register_args)
+    )
     if resume is not None:
         check_resume_config(resume, model.peft_config["default"], RESUME_FIELDS)
     if training_args.should_log:
@@ -287,15 +291,14 @@ def train(
 
     card_metrics = {k: v for k, v in metrics.items() if k.endswith("accuracy") or k == "eval_loss"}
     summary = _training_summary(model_args, register_args, args, splits, trainer.accelerator.num_processes)
-    if trainer.is_world_process_zero():
-        # The base model's config holds the labels (id2label); the Trainer saved the processor's config.
-        trainer.accelerator.unwrap_model(trainer.model).get_base_model().config.save_pretrained(args.output_dir)
+    # The adapter config holds the labels; the Trainer saved the processor's config. No config.json: next to it,
+    # transformers would take the folder for a full model rather than an adapter of its base model.
     publish(
         trainer,
         args,
         hub_repo_id=hub_repo_id,
         metrics=card_metrics,
         summary=summary,
-        extra_files=(CONFIG_NAME, IMAGE_PROCESSOR_NAME),
+        extra_files=(IMAGE_PROCESSOR_NAME,),
     )
     return trainer
