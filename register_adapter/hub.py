@@ -58,8 +58,8 @@ def render_model_card(
     base_model = config.base_model_name_or_path or base.config._name_or_path or ""
     load_class = type(base).__name__ if hasattr(transformers, type(base).__name__) else "AutoModel"
     load_kwargs = ""
-    if load_class.endswith("ForImageClassification"):
-        # The adapter carries a new head: its size need not match the checkpoint's.
+    if load_class.endswith("ForImageClassification") and config.labels is None:
+        # The adapter carries a new head but not its labels: the base model must be built for its size.
         load_kwargs = f", num_labels={base.config.num_labels}, ignore_mismatched_sizes=True"
     hub_id = base_model if _is_hub_id(base_model) else None
     lora = ""
@@ -93,6 +93,7 @@ def render_model_card(
             modules_to_save=", ".join(f"`{name}`" for name in config.modules_to_save or []),
             load_class=load_class,
             load_kwargs=load_kwargs,
+            labels=config.labels if base_model else None,  # the one-line load needs the base model's path
             repo_id=repo_id or "path/to/this/adapter",
             metrics=_format_values(metrics),
             training=_format_values(training),

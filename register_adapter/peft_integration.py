@@ -383,11 +383,12 @@ def check_adapter_state(model: Any, config: Any, adapter_name: str, state_dict: 
         )
     modules = sorted({module for module in dropped.values() if module is not None})
     if modules:
+        one = len(modules) == 1
         warnings.warn(
-            f"The adapter's {', '.join(modules)} (modules_to_save, saved from {saved_from}) "
-            f"{'has' if len(modules) == 1 else 'have'} no place in {model_name} and {'is' if len(modules) == 1 else 'are'} "
-            "not loaded; the registers and the rest of the adapter are. Load the adapter into a model with "
-            f"{'that module' if len(modules) == 1 else 'those modules'} to use {'it' if len(modules) == 1 else 'them'}.",
+            f"The adapter's {', '.join(modules)} (modules_to_save) {'has' if one else 'have'} no place in "
+            f"{model_name} and {'is' if one else 'are'} not loaded; the rest of the adapter is. To use "
+            f"{'it' if one else 'them'}, load the adapter into a model that has {'it' if one else 'them'}, such as "
+            f"{saved_from}.",
             DroppedModulesWarning,
             stacklevel=2,
         )

@@ -126,10 +126,44 @@ def test_training_changes_registers_and_head_only_and_keeps_the_best_adapter(ima
     assert f"| eval_accuracy | {results['eval_accuracy']:.4g} |" in card
     assert "| base model | tiny-vit |" in card and "| training images | 12 |" in card
 
-    # Next to the adapter: the base model's config with the label names, and the image processor's config.
-    config = json.loads((out / "config.json").read_text())
-    assert (config["id2label"], config["label2id"]) == ({"0": "blue", "1": "red"}, {"blue": 0, "red": 1})
+    # The adapter config holds the label names; next to it, the image processor's config and no config.json (which
+    # would make transformers take the folder for a full model).
+    assert json.loads((out / "adapter_config.json").read_text())["labels"] == ["blue", "red"]
     assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 30, "width": 30}
+    assert not (out / "config.json").exists()
+
+
+def test_the_output_folder_loads_as_a_classifier_with_its_labels_in_one_line(tmp_path):
+    from peft import AutoPeftModel
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from register_adapter import find_vision_tower
+    from register_adapter.pixels import default_processor
+
+    base = build_tiny_model("tiny-vit", "classification")  # a pretrained head of 2 classes
+    base.save_pretrained(tmp_path / "base")
+    default_processor(find_vision_tower(base)).save_pretrained(tmp_path / "base")
+    images = make_image_folder(tmp_path / "train", classes=("blue", "green", "red"), per_class=4)
+    out = tmp_path / "out"
+    args = ["--max_steps", "2", "--train_val_split", "0", "--learning_rate", "3e-2"]
+    trained = run(images, out, *args, model=str(tmp_path / "base"))
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "blue", 1: "green", 2: "red"}
+    assert torch.equal(logits(model), logits(trained))
+    assert torch.equal(logits(AutoPeftModel.from_pretrained(out)), logits(trained))
+
+    classify = pipeline("image-classification", model=str(out))
+    image = Image.new("RGB", (30, 30), (40, 180, 60))
+    with torch.no_grad():
+        pixels = classify.image_processor(image, return_tensors="pt")["pixel_values"]
+        probabilities = trained.eval()(pixel_values=pixels).logits.softmax(-1)[0]
+    expected = sorted(zip(probabilities.tolist(), ("blue", "green", "red")), reverse=True)
+    predictions = classify(image)
+    assert [p["label"] for p in predictions] == [label for _, label in expected]
+    # The pipeline computes its own softmax (in numpy): equal up to rounding.
+    assert [p["score"] for p in predictions] == pytest.approx([score for score, _ in expected], abs=1e-6)
 
 
 def test_lora_registers_and_head_are_one_adapter_that_from_pretrained_restores_whole(images, tmp_path):
@@ -332,9 +366,9 @@ def test_push_to_hub_uploads_the_best_adapter_with_our_card_in_one_commit(images
     assert len(fake_hub.commits) == 1
     repo, files = fake_hub.commits[0]
     assert repo == "org/regs"
-    assert set(files) == ADAPTER_FILES | {"README.md", "config.json", "preprocessor_config.json"}
+    assert set(files) == ADAPTER_FILES | {"README.md", "preprocessor_config.json"}
     snapshot = fake_hub.snapshot("org/regs")
-    assert json.loads((snapshot / "config.json").read_text())["id2label"] == {"0": "blue", "1": "red"}
+    assert json.loads((snapshot / "adapter_config.json").read_text())["labels"] == ["blue", "red"]
     card = (snapshot / "README.md").read_text()
     assert "register_adapter" in card and "| eval_accuracy |" in card and "org/regs" in card
     restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), snapshot)
