@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -137,12 +139,22 @@ class RegisterConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config and check that the adapter weights next to it are present and readable.
 
+        A save into the folder that was killed between its moves is rolled back first (see
+        :func:`register_adapter.saving.atomic_save`), so the previous adapter loads.
+
         Raises:
             AdapterFilesError: ``adapter_model.safetensors`` is missing, is not a readable safetensors file, or holds
                 registers of another shape than the config says (files from two different saves).
         """
-        from ..saving import check_adapter_weights
+        from ..saving import check_adapter_weights, recover_interrupted_saves
 
+        folder = os.path.normpath(os.path.join(pretrained_model_name_or_path, subfolder or ""))
+        if os.path.isdir(folder):
+            # A save killed between its moves is rolled back first. The journal is in the folder saved into, which
+            # holds adapters other than "default" in sub-folders.
+            for where in {folder, os.path.dirname(folder) or "."}:
+                with contextlib.suppress(OSError):  # a read-only copy: the weights check below reports a mix-up
+                    recover_interrupted_saves(where)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         shapes = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, config=config, **kwargs)
         # Which modules_to_save the files hold weights for: loading wraps only those (see RegisterModel).
