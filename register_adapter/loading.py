@@ -130,18 +130,40 @@ def _tower(model: nn.Module) -> Any:
     return find_vision_tower(model)
 
 
+def check_model(
+    name: str, *, revision: str = "main", cache_dir: str | None = None, trust_remote_code: bool = False
+) -> None:
+    """Raise the error :func:`load_model` would raise for a model ``name`` that cannot be found, reading its config
+    only (a command checks ``--model`` before it loads data).
+
+    Raises:
+        InvalidConfigError: no such folder, not on the Hub or in the cache, not a model.
+    """
+    from .tiny import TINY_MODELS
+
+    if not name.startswith(PLANTED_PREFIX) and name not in TINY_MODELS:
+        _config(name, {}, revision=revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+
+
+def _config(name: str, label_kwargs: dict[str, Any], **hub_kwargs: Any) -> Any:
+    import transformers
+
+    try:
+        if _looks_like_path(name) and not Path(name).expanduser().exists():
+            raise FileNotFoundError("no such folder")
+        return transformers.AutoConfig.from_pretrained(name, **label_kwargs, **hub_kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise InvalidConfigError(
+            f"Cannot load model '{name}': {first_line(error)} Give a folder saved with save_pretrained, a Hub id, a "
+            "built-in tiny model (tiny-vit, ...) or planted:<family>."
+        ) from error
+
+
 def _from_pretrained(name: str, task: str, label_kwargs: dict[str, Any], **kwargs: Any) -> nn.Module:
     import transformers
 
     hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "trust_remote_code")}
-    try:
-        if _looks_like_path(name) and not Path(name).expanduser().exists():
-            raise FileNotFoundError("no such folder")
-        config = transformers.AutoConfig.from_pretrained(name, **label_kwargs, **hub_kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise InvalidConfigError(
-            f"Cannot load model '{name}': {first_line(error)} Give a folder saved with save_pretrained, a Hub id, a built-in tiny model (tiny-vit, ...) or planted:<family>."
-        ) from error
+    config = _config(name, label_kwargs, **hub_kwargs)
     auto = transformers.AutoModel if task == "base" else transformers.AutoModelForImageClassification
     options = {"attn_implementation": kwargs["attn_implementation"]}
     if task == "classification":

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from test_data import BAD_LABELS, make_image_folder, save_labelled_dataset
 
 from register_adapter import RegisterLayer
+from register_adapter.cli import main as cli_main
 from register_adapter.cli.train import main
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
 from register_adapter.tiny import build_tiny_model
@@ -272,18 +273,49 @@ def test_missing_label_column_is_refused_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_label_stops_the_cli_before_training_or_is_skipped(tmp_path, caplog):
+def cli_error(argv: list[str], capsys) -> tuple[int, str]:
+    """The exit status of ``register-adapter train argv`` and the last line it wrote to stderr."""
+    try:
+        status = cli_main(["train", *argv])
+    except SystemExit as exit_info:  # argparse's errors
+        status = exit_info.code
+    return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_label_stops_the_cli_before_training_or_is_skipped(tmp_path, capsys):
     path = save_labelled_dataset(tmp_path, {"train": BAD_LABELS}, datasets.ClassLabel(names=["cat", "dog"]))
     out = tmp_path / "out"
-    assert main(dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0")) == 2
-    assert (
-        "1 of 39 train rows have no label or a label outside 0..1 (2 classes): rows 30. Fix or remove those rows, or "
-        "pass --on_bad_image skip to leave them out." in caplog.text
+    assert cli_error(dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0"), capsys) == (
+        2,
+        "register-adapter train: error: 1 of 39 train rows have no label or a label outside 0..1 (2 classes): rows "
+        "30. Fix or remove those rows, or pass --on_bad_image skip to leave them out.",
     )
     assert not out.exists()
 
     args = dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0", "--on_bad_image", "skip")
     assert len(train(*parse_args(args)).train_dataset) == 38
+
+
+CLI_ERRORS = {
+    "unknown flag": (["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
+    "bf16 on a CPU": (
+        ["--bf16"],
+        "Your setup doesn't support bf16/gpu. You need to assign use_cpu if you want to train the model on CPU.",
+    ),
+    "no such model": (["--model", "./no/such/model"], "Cannot load model './no/such/model': no such folder. Give a "
+                      "folder saved with save_pretrained, a Hub id, a built-in tiny model (tiny-vit, ...) or "
+                      "planted:<family>."),
+}  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--bf16 works on a CUDA machine")
+@pytest.mark.parametrize(("extra", "message"), CLI_ERRORS.values(), ids=CLI_ERRORS)
+def test_cli_errors_end_with_one_error_line_and_exit_2(tmp_path, capsys, extra, message):
+    args = [arg for arg in cli_args(tmp_path / "no-images", tmp_path / "out") if arg != "--use_cpu"]
+    if "--model" in extra:  # checked before the data: the missing --train_dir is not reported
+        args[args.index("--model") : args.index("--model") + 2] = []
+    assert cli_error([*args, *extra], capsys) == (2, f"register-adapter train: error: {message}")
+    assert not (tmp_path / "out").exists()
 
 
 def load_folder_as_saved_dataset(tmp_path: Path) -> str:
@@ -295,12 +327,14 @@ def load_folder_as_saved_dataset(tmp_path: Path) -> str:
     return path
 
 
-def test_corrupt_image_stops_the_cli_before_training_or_is_skipped(images, tmp_path, caplog):
+def test_corrupt_image_stops_the_cli_before_training_or_is_skipped(images, tmp_path, capsys):
     corrupt = images / "red" / "003.png"
     corrupt.write_bytes(b"not a png at all")
     out = tmp_path / "out"
-    assert main(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0")) == 2
-    assert f"1 of 16 train images cannot be read: {corrupt}" in caplog.text
+    status, error = cli_error(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0"), capsys)
+    assert status == 2 and error.startswith(
+        f"register-adapter train: error: 1 of 16 train images cannot be read: {corrupt}"
+    )
     assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
 
     trainer = train(*parse_args(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0",

@@ -37,7 +37,7 @@ from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from ..architectures import find_vision_tower
 from ..errors import InvalidConfigError, UnsupportedModelError
-from ..loading import load_model
+from ..loading import check_model, load_model
 from ..sources import BAD_IMAGE_POLICIES, IMAGE_CHECKS, check_choice
 from ..tuner import add_registers
 from .arguments import (
@@ -55,6 +55,7 @@ from .runtime import check_images_once, check_resume_config, prepare_push, publi
 
 logger = logging.getLogger(__name__)
 
+PROG = "register-adapter train"
 # Adapter settings that change the trainable parameters: a checkpoint saved with other values cannot be resumed.
 RESUME_FIELDS = ("num_register_tokens", "lora_r", "lora_target_modules", "modules_to_save")
 
@@ -113,7 +114,8 @@ def parse_args(
     return parse_dataclasses(
         (ModelArguments, ClassificationDataArguments, RegisterArguments, ClassificationTrainingArguments),
         argv,
-        prog="register-adapter train",
+        prog=PROG,
+        usage="%(prog)s --model MODEL (--train_dir DIR | --dataset_name NAME) --output_dir DIR [options]",
     )
 
 
@@ -196,8 +198,8 @@ def train(
 
     Every problem with the inputs (a missing folder or column, a bad label, unreadable images, an unsupported model
     family, a ``--metric_for_best_model`` that evaluation does not report, a checkpoint saved with other adapter
-    settings) is raised before the first training step; a ``--resume_from_checkpoint`` without a checkpoint and a
-    ``--push_to_hub`` that cannot create its repository before any data loads.
+    settings) is raised before the first training step; a ``--resume_from_checkpoint`` without a checkpoint, a
+    ``--push_to_hub`` that cannot create its repository and a ``--model`` that cannot be found before any data loads.
 
     Returns:
         The ``Trainer``; ``trainer.model`` is the ``PeftModel`` holding the best (or last) adapter.
@@ -214,6 +216,8 @@ def train(
     check_choice("on_bad_image", data_args.on_bad_image, BAD_IMAGE_POLICIES)
     check_choice("image_check", data_args.image_check, IMAGE_CHECKS)
     hub_repo_id = prepare_push(training_args)
+    model_kwargs = model_args.load_kwargs()
+    check_model(model_args.model, **{k: model_kwargs[k] for k in ("revision", "cache_dir", "trust_remote_code")})
     transformers.set_seed(training_args.seed)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading the dataset"):
@@ -235,7 +239,7 @@ def train(
     if "validation" in splits:
         check_metric_for_best_model(training_args.metric_for_best_model, len(labels))
 
-    model, image_processor = load_model(model_args.model, "classification", labels=labels, **model_args.load_kwargs())
+    model, image_processor = load_model(model_args.model, "classification", labels=labels, **model_kwargs)
     model = add_registers(
         model, modules_to_save=head_modules(model), labels=labels, **register_config_kwargs(register_args)
     )

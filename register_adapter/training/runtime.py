@@ -167,8 +167,9 @@ def check_images_once(
         )
 
 
-def run_command(run: Callable[[], Any], log_level: int) -> int:
-    """Run a training command with logging set up: 0 when it succeeds, 2 (and one logged error) for bad input.
+def run_command(run: Callable[[], Any], log_level: int, *, prog: str = "register-adapter") -> int:
+    """Run a training command with logging set up: 0 when it succeeds, 2 for bad input, after one
+    ``<prog>: error: <message>`` line on stderr (as argparse reports a bad flag).
 
     A process group left to the interpreter's exit can abort a rank (SIGABRT) while gloo's threads still hold tensors,
     so it is destroyed after a successful run. Not after an error: destroying it while another rank is in a
@@ -185,7 +186,7 @@ def run_command(run: Callable[[], Any], log_level: int) -> int:
     try:
         run()
     except RegisterAdapterError as error:
-        logger.error("%s", error)
+        sys.stderr.write(f"{prog}: error: {' '.join(str(error).split())}\n")
         return 2
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
