@@ -3,6 +3,7 @@ push to the Hub, and the GPU paths (bf16, fp16, torch.compile)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_data import BAD_LABELS, make_image_folder, save_labelled_dataset
+from test_data import BAD_LABELS, COLOURS, make_image, make_image_folder, save_labelled_dataset
 
 from register_adapter import RegisterLayer
 from register_adapter.cli import main as cli_main
@@ -316,6 +317,25 @@ def test_cli_errors_end_with_one_error_line_and_exit_2(tmp_path, capsys, extra, 
         args[args.index("--model") : args.index("--model") + 2] = []
     assert cli_error([*args, *extra], capsys) == (2, f"register-adapter train: error: {message}")
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_images_of_every_split_are_reported_at_once(tmp_path):
+    train_dir = make_image_folder(tmp_path / "train", per_class=4)
+    validation_dir = make_image_folder(tmp_path / "val", per_class=2)
+    truncated = train_dir / "red" / "004.jpg"
+    buffer = io.BytesIO()
+    make_image(COLOURS["red"], 7, size=(128, 128)).save(buffer, format="JPEG")
+    truncated.write_bytes(buffer.getvalue()[:2000])
+    not_an_image = validation_dir / "blue" / "notes.png"
+    not_an_image.write_text("meeting notes, saved with the wrong extension")
+    args = cli_args(train_dir, tmp_path / "out", "--validation_dir", str(validation_dir))
+    message = (
+        rf"^1 of 9 train images cannot be read: {re.escape(str(truncated))} \(.+\)\. "
+        rf"1 of 5 validation images cannot be read: {re.escape(str(not_an_image))} \(.+\)\. "
+        r"Remove or replace them, or pass --on_bad_image skip to leave them out\.$"
+    )
+    with pytest.raises(DataError, match=message):
+        train(*parse_args(args))
 
 
 def load_folder_as_saved_dataset(tmp_path: Path) -> str:
