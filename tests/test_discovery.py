@@ -2,6 +2,7 @@
 artifacts breaking LOST as in Darcet et al. (Table 3)."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,19 @@ def test_box_iou_and_corloc_numbers():
         InvalidConfigError, match=r"^corloc needs one predicted box per image: got 3 predictions for 2 images\.$"
     ):
         corloc(predicted, truth[:2])
+
+
+def test_corloc_refuses_one_ground_truth_box_per_image_given_without_its_list():
+    message = (
+        "corloc's ground_truth must hold a list of (x0, y0, x1, y1) boxes per image ([[x0, y0, x1, y1]] for one); "
+        "image 0 has [0.0, 0.0, 10.0, 9.0]."
+    )
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        corloc([(0, 0, 10, 10)], [(0, 0, 10, 9)])
+    message = "corloc's predicted must hold one (x0, y0, x1, y1) box per image; image 1 has [[0.0, 0.0, 10.0]]."
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        corloc([(0, 0, 10, 10), (0, 0, 10)], [[(0, 0, 10, 9)], []])
+    assert corloc([(0, 0, 10, 10), (0, 0, 10, 10)], [[(0, 0, 10, 9)], []]) == 0.5  # no box: a miss
 
 
 @pytest.mark.parametrize("family", ["dinov2", "clip-vision"])

@@ -22,9 +22,8 @@ from test_data import BAD_LABELS, COLOURS, make_image, make_image_folder, save_l
 
 from register_adapter import RegisterLayer
 from register_adapter.cli import main as cli_main
-from register_adapter.cli.train import main
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
-from register_adapter.tiny import build_tiny_model
+from register_adapter.tiny import TINY_MODELS, build_tiny_model
 from register_adapter.training.classification import check_metric_for_best_model, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -470,9 +469,13 @@ def test_torch_compile_on_gpu_saves_plain_adapter_keys_that_restore(images, tmp_
 
 def test_cli_help_lists_training_register_and_data_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        cli_main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
+    usage = "usage: register-adapter train --model MODEL (--train_dir DIR | --dataset_name NAME) --output_dir DIR"
+    assert text.startswith(f"{usage} [options]\n")
+    offered = re.search(r"built-in tiny model for offline runs \(([^)]*)\)", " ".join(text.split()))[1]
+    assert offered.split(", ") == sorted(set(TINY_MODELS) - {"tiny-beit", "tiny-data2vec-vision"})  # not refused ones
     for flag in ("--model", "--train_dir", "--num_register_tokens", "--on_bad_image", "--bf16", "--push_to_hub",
                  "--resume_from_checkpoint", "--per_device_train_batch_size"):  # fmt: skip
         assert re.search(rf"^\s+{flag}\b", text, re.MULTILINE), flag

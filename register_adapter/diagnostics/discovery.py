@@ -177,7 +177,11 @@ def corloc(
 
     Args:
         predicted: One box per image.
-        ground_truth: Per image, a list of boxes (any of them counts).
+        ground_truth: Per image, a list of boxes (any of them counts), also for a single box (``[[x0, y0, x1, y1]]``).
+
+    Raises:
+        InvalidConfigError: not one prediction per image, or boxes that are not 4 numbers (e.g. one ground-truth box
+            per image given without its list).
         iou_threshold: Minimum IoU of a correct localisation.
     """
     if len(predicted) != len(ground_truth):
@@ -187,5 +191,23 @@ def corloc(
         )
     if not predicted:
         raise InvalidConfigError("corloc needs at least one image.")
+    for index, (box, truths) in enumerate(zip(predicted, ground_truth)):
+        _check_boxes("predicted", index, [box], "one (x0, y0, x1, y1) box per image")
+        _check_boxes(
+            "ground_truth", index, truths, "a list of (x0, y0, x1, y1) boxes per image ([[x0, y0, x1, y1]] for one)"
+        )
     hits = [any(box_iou(p, g) >= iou_threshold for g in truths) for p, truths in zip(predicted, ground_truth)]
     return float(np.mean(hits))
+
+
+def _check_boxes(name: str, index: int, boxes: Any, expected: str) -> None:
+    """Refuse ``boxes`` (of image ``index`` in the argument ``name``) that are not a list of 4-number boxes; an empty
+    list is fine (an image without ground-truth boxes counts as missed)."""
+    try:
+        array = np.asarray(boxes, dtype=float)
+    except (TypeError, ValueError):
+        array = None
+    if array is not None and (array.size == 0 or (array.ndim == 2 and array.shape[1] == 4)):
+        return
+    given = np.asarray(boxes, dtype=object).tolist() if array is None else array.tolist()
+    raise InvalidConfigError(f"corloc's {name} must hold {expected}; image {index} has {given!r}.")

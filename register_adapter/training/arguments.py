@@ -20,7 +20,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..sources import BAD_IMAGE_POLICIES, IMAGE_CHECKS
-from ..tiny import TINY_MODELS
+from ..tiny import supported_tiny_models
 from ..tuner.config import INIT_METHODS
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class ModelArguments:
     model: str = field(
         metadata={
             "help": "Path or Hub id of a pretrained vision transformer (ViT, DeiT, DINOv2, CLIP, ...), or the name of "
-            f"a built-in tiny model for offline runs ({', '.join(sorted(TINY_MODELS))})."
+            f"a built-in tiny model for offline runs ({', '.join(supported_tiny_models())})."
         }
     )
     revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
@@ -199,13 +199,13 @@ def parse_dataclasses(
         types: The argument dataclasses.
         argv: The arguments (default ``sys.argv[1:]``).
         prog: The command, as errors and ``--help`` name it.
-        usage: The usage line printed above an error (``--help`` lists every flag below it).
+        usage: The usage line, printed above an error and at the top of ``--help`` (which lists every flag).
 
     Raises:
         SystemExit: with status 2 after a usage line and one ``<prog>: error: ...`` line, for an unknown, malformed
             or invalid flag (also one that ``TrainingArguments`` refuses, such as ``--bf16`` on a CPU).
     """
-    parser = HfArgumentParser(types, prog=prog, usage=f"{usage} (--help lists them)")
+    parser = HfArgumentParser(types, prog=prog, usage=usage)
     # HfArgumentParser lets a bare --flag mean True only for booleans whose default is not None; ours is None
     # ("decide from the strategies"), and users write a bare --load_best_model_at_end as with TrainingArguments.
     if "--load_best_model_at_end" in parser._option_string_actions:
