@@ -290,8 +290,10 @@ def adapter_with_head_and_lora(task, lora_r):
     return model
 
 
-@pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("lora_r", [0, 2], ids=["head", "head-and-lora"])
+EXPORTED_ADAPTERS = [("classification", 0), ("classification", 2), ("base", 2), ("backbone", 2)]
+
+
+@pytest.mark.parametrize(("task", "lora_r"), EXPORTED_ADAPTERS, ids=[f"{t}-lora{r}" for t, r in EXPORTED_ADAPTERS])
 def test_export_carries_the_trained_head_and_merged_lora(task, lora_r):
     model = adapter_with_head_and_lora(task, lora_r)
     with warnings.catch_warnings():
