@@ -128,8 +128,9 @@ def push_to_hub(
     """Save the adapter with its model card into a temporary folder and upload it in one commit.
 
     Works with any ``PeftModel`` that holds a register adapter (also one loaded with ``PeftModel.from_pretrained``).
-    ``extra_files`` (e.g. the base model's ``config.json`` with its labels, ``preprocessor_config.json``) are uploaded
-    next to the adapter under their own names. Returns the commit URL.
+    ``extra_files`` (e.g. ``preprocessor_config.json``) are uploaded next to the adapter under their own names; a
+    ``config.json`` among them would make transformers take a download of the repository for a full model. Returns
+    the commit URL.
     """
     adapter_name = adapter_name or model.active_adapter
     api = HfApi(token=token)

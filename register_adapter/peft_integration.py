@@ -115,7 +115,8 @@ def check_versions(transformers_version: str | None = None, peft_version: str | 
 
 
 def register_method() -> None:
-    """Add :data:`REGISTERS` to PEFT's three lookup tables and wrap the ``PeftModel`` methods. Idempotent."""
+    """Add :data:`REGISTERS` to PEFT's three lookup tables, wrap the ``PeftModel`` methods and transformers'
+    ``load_adapter``. Idempotent."""
     from peft import mapping
 
     from .tuner.config import RegisterConfig
