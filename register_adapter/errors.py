@@ -37,3 +37,9 @@ class DataError(RegisterAdapterError, ValueError):
 
 class IncompatibleVersionsError(RegisterAdapterError, ImportError):
     """The installed transformers and peft are known not to work together."""
+
+
+class DroppedModulesWarning(UserWarning):
+    """A module saved with an adapter (``modules_to_save``, e.g. a classification head) has no place in the model the
+    adapter is loaded into, and is left out. To refuse such a load instead, turn the warning into an error:
+    ``warnings.simplefilter("error", DroppedModulesWarning)``."""

@@ -116,8 +116,8 @@ def render_model_card(
     base_model = config.base_model_name_or_path or base.config._name_or_path or ""
     load_class = type(base).__name__ if hasattr(transformers, type(base).__name__) else "AutoModel"
     load_kwargs = ""
-    if load_class.endswith("ForImageClassification"):
-        # The adapter carries a new head: its size need not match the checkpoint's.
+    if load_class.endswith("ForImageClassification") and config.labels is None:
+        # The adapter carries a new head but not its labels: the base model must be built for its size.
         load_kwargs = f", num_labels={base.config.num_labels}, ignore_mismatched_sizes=True"
     hub_id = base_model if _is_hub_id(base_model) else None
     lora = ""
@@ -155,6 +155,7 @@ def render_model_card(
             modules_to_save=", ".join(f"`{name}`" for name in config.modules_to_save or []),
             load_class=load_class,
             load_kwargs=load_kwargs,
+            labels=config.labels if base_model else None,  # the one-line load needs the base model's path
             repo_id=repo_id or "path/to/this/adapter",
             metrics=_format_values(metrics),
             training=_format_values(training),
@@ -190,8 +191,9 @@ def push_to_hub(
     """Save the adapter with its model card into a temporary folder and upload it in one commit.
 
     Works with any ``PeftModel`` that holds a register adapter (also one loaded with ``PeftModel.from_pretrained``).
-    ``extra_files`` (e.g. the base model's ``config.json`` with its labels, ``preprocessor_config.json``) are uploaded
-    next to the adapter under their own names. Returns the commit URL.
+    ``extra_files`` (e.g. ``preprocessor_config.json``) are uploaded next to the adapter under their own names; a
+    ``config.json`` among them would make transformers take a download of the repository for a full model. Returns
+    the commit URL.
     """
     adapter_name = adapter_name or model.active_adapter
     api = HfApi(token=token)

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
+import PIL.ImageOps
 
 from .errors import DataError
 
@@ -87,13 +89,16 @@ def _open_error(source: str | os.PathLike | bytes, check: str = "decode") -> Exc
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file as an RGB ``PIL.Image`` (see :func:`rgb_image` for the conversion).
+    """Open an image file as an RGB ``PIL.Image`` (see :func:`rgb_image` for the conversion), turned upright as its
+    EXIF orientation says, as ``datasets`` decodes images for training: a photo taken in portrait is seen in portrait.
 
     Raises:
         DataError: the file does not exist or is not a readable image.
     """
     check_image(path)
     with PIL.Image.open(path) as image:
+        if image.getexif().get(PIL.ExifTags.Base.Orientation) is not None:
+            return rgb_image(PIL.ImageOps.exif_transpose(image))
         return rgb_image(image)
 
 

@@ -10,12 +10,20 @@ or a model with planted artifacts.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .errors import AdapterFilesError, InvalidConfigError, RegisterAdapterError, UnsupportedModelError
+from .errors import (
+    AdapterFilesError,
+    AdapterMismatchError,
+    DroppedModulesWarning,
+    InvalidConfigError,
+    RegisterAdapterError,
+    UnsupportedModelError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +120,7 @@ def load_model(
                 "No image processor found for %s; resizing to %s px, mean = std = 0.5.", name, processor.size
             )
     if adapter is not None:
-        model = load_adapter(model, adapter)
+        model = load_adapter(model, adapter, need_heads=task == "classification")
     return model, processor
 
 
@@ -122,18 +130,40 @@ def _tower(model: nn.Module) -> Any:
     return find_vision_tower(model)
 
 
+def check_model(
+    name: str, *, revision: str = "main", cache_dir: str | None = None, trust_remote_code: bool = False
+) -> None:
+    """Raise the error :func:`load_model` would raise for a model ``name`` that cannot be found, reading its config
+    only (a command checks ``--model`` before it loads data).
+
+    Raises:
+        InvalidConfigError: no such folder, not on the Hub or in the cache, not a model.
+    """
+    from .tiny import TINY_MODELS
+
+    if not name.startswith(PLANTED_PREFIX) and name not in TINY_MODELS:
+        _config(name, {}, revision=revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+
+
+def _config(name: str, label_kwargs: dict[str, Any], **hub_kwargs: Any) -> Any:
+    import transformers
+
+    try:
+        if _looks_like_path(name) and not Path(name).expanduser().exists():
+            raise FileNotFoundError("no such folder")
+        return transformers.AutoConfig.from_pretrained(name, **label_kwargs, **hub_kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise InvalidConfigError(
+            f"Cannot load model '{name}': {first_line(error)} Give a folder saved with save_pretrained, a Hub id, a "
+            "built-in tiny model (tiny-vit, ...) or planted:<family>."
+        ) from error
+
+
 def _from_pretrained(name: str, task: str, label_kwargs: dict[str, Any], **kwargs: Any) -> nn.Module:
     import transformers
 
     hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "trust_remote_code")}
-    try:
-        if _looks_like_path(name) and not Path(name).expanduser().exists():
-            raise FileNotFoundError("no such folder")
-        config = transformers.AutoConfig.from_pretrained(name, **label_kwargs, **hub_kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise InvalidConfigError(
-            f"Cannot load model '{name}': {first_line(error)} Give a folder saved with save_pretrained, a Hub id, a built-in tiny model (tiny-vit, ...) or planted:<family>."
-        ) from error
+    config = _config(name, label_kwargs, **hub_kwargs)
     auto = transformers.AutoModel if task == "base" else transformers.AutoModelForImageClassification
     options = {"attn_implementation": kwargs["attn_implementation"]}
     if task == "classification":
@@ -151,8 +181,14 @@ def _from_pretrained(name: str, task: str, label_kwargs: dict[str, Any], **kwarg
         raise InvalidConfigError(f"Cannot load model '{name}': {first_line(error)}") from error
 
 
-def load_adapter(model: nn.Module, adapter: str) -> nn.Module:
+def load_adapter(model: nn.Module, adapter: str, *, need_heads: bool = False) -> nn.Module:
     """``PeftModel.from_pretrained(model, adapter)`` with one clear error for an adapter that cannot be loaded.
+
+    Args:
+        model: The base model.
+        adapter: A folder or Hub id.
+        need_heads: Refuse an adapter whose saved heads (``modules_to_save``) ``model`` has no place for, rather than
+            loading it without them (with a :class:`~register_adapter.DroppedModulesWarning`).
 
     Raises:
         AdapterFilesError: no such folder, not on the Hub or in the cache, or no adapter files in it.
@@ -163,7 +199,12 @@ def load_adapter(model: nn.Module, adapter: str) -> nn.Module:
     try:
         if _looks_like_path(adapter) and not Path(adapter).expanduser().exists():
             raise FileNotFoundError("no such folder")
-        return PeftModel.from_pretrained(model, adapter)
+        with warnings.catch_warnings():
+            if need_heads:
+                warnings.simplefilter("error", DroppedModulesWarning)
+            return PeftModel.from_pretrained(model, adapter)
+    except DroppedModulesWarning as warning:
+        raise AdapterMismatchError(f"{adapter} has no trained head for a classifier: {warning}") from warning
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         if isinstance(error, RegisterAdapterError):
             raise

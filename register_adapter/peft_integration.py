@@ -13,9 +13,25 @@ PEFT's lookups read. Everything of that kind lives here:
   ``AutoPeftModel`` and transformers' ``add_adapter`` / ``load_adapter`` work.
 * **Three ``PeftModel`` methods.** ``save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub`` are
   wrapped (:func:`install_peft_model_methods`) so that a ``PeftModel`` holding a register adapter saves atomically
-  (:func:`register_adapter.saving.atomic_save`), writes the register model card and pushes with it in one commit
-  (:mod:`register_adapter.hub`). A ``PeftModel`` holding only other adapter types gets PEFT's own method, with the same
-  arguments: the wrappers hand it through untouched.
+  (:func:`register_adapter.saving.atomic_save`), writes the register model card of each saved adapter into its own
+  folder and pushes with it in one commit (:mod:`register_adapter.hub`). A ``PeftModel`` holding only other adapter
+  types gets PEFT's own method, with the same arguments: the wrappers hand it through untouched.
+* **Loading adapter weights.** Register adapters belong to the vision tower, not to the class around it, but PEFT
+  saves weights under their path in the whole model (``dinov2.embeddings...`` in ``Dinov2ForImageClassification``,
+  ``embeddings...`` in ``Dinov2Model``). ``RegisterModel`` overrides PEFT's tuner hook
+  ``_remap_adapter_state_dict_for_load`` (called by ``set_peft_model_state_dict``, which every PEFT load goes
+  through) to move the saved weights to the tower of the model they are loaded into, then :func:`check_adapter_state`
+  checks them against the adapter state PEFT created (``_get_tuner_state_dict_key_prefixes``, the
+  ``adapter_state_dict_load_map`` of ``ModulesToSaveWrapper``): saved ``modules_to_save`` the model has no place for
+  are dropped with a :class:`~register_adapter.errors.DroppedModulesWarning`, anything else that does not restore the
+  adapter exactly raises :class:`~register_adapter.errors.AdapterMismatchError` instead of leaving weights freshly
+  initialised.
+* **transformers' ``load_adapter``.** transformers 5 loads adapters through its own weight-renaming loader, which
+  inserts the adapter name only after keys starting with the method's prefix and so leaves LoRA weights inside a
+  register adapter unloaded. ``PeftAdapterMixin.load_adapter`` is wrapped (:func:`install_transformers_load_adapter`)
+  so that a register adapter is loaded with PEFT's documented low-level API instead (``inject_adapter_in_model`` +
+  ``set_peft_model_state_dict``, hence the checks above); other adapters get transformers' own method. This also
+  serves ``AutoModel*.from_pretrained(adapter_folder)`` and ``pipeline(model=adapter_folder)``, which call it.
 * **One warning.** peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` in every
   ``PeftModel.__init__``; the ``FutureWarning`` it raises says nothing a user can act on and is filtered out.
 * **The version guard.** :func:`check_versions` refuses combinations of transformers and peft known not to work
@@ -57,6 +73,8 @@ class RegisterPeftType(str):
 
 REGISTERS = RegisterPeftType("REGISTERS")
 PREFIX = "register_tokens"
+#: The prefix of every key that ``PeftModel.save_pretrained`` writes.
+PEFT_PREFIX = "base_model.model."
 
 # (transformers requirement, peft requirement, what breaks): pairs known not to work together. transformers 5.24
 # refuses every peft below 0.22 in ``add_adapter`` / ``load_adapter`` (``transformers/utils/peft_utils.py``).
@@ -97,7 +115,8 @@ def check_versions(transformers_version: str | None = None, peft_version: str | 
 
 
 def register_method() -> None:
-    """Add :data:`REGISTERS` to PEFT's three lookup tables and wrap the ``PeftModel`` methods. Idempotent."""
+    """Add :data:`REGISTERS` to PEFT's three lookup tables, wrap the ``PeftModel`` methods and transformers'
+    ``load_adapter``. Idempotent."""
     from peft import mapping
 
     from .tuner.config import RegisterConfig
@@ -108,6 +127,7 @@ def register_method() -> None:
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[REGISTERS] = PREFIX
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     install_peft_model_methods()
+    install_transformers_load_adapter()
 
 
 def _peft_imported() -> bool:
@@ -177,11 +197,17 @@ def peft_method(name: str) -> Callable[..., Any]:
     return getattr(method, "__wrapped__", method)
 
 
+def card_adapter(model: Any) -> str:
+    """The adapter whose card goes into the root of a save: ``"default"`` (PEFT saves it there), else the active one."""
+    return "default" if "default" in model.peft_config else model.active_adapter
+
+
 def _wrap_save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def save_pretrained(self: Any, save_directory: str, *args: Any, **kwargs: Any) -> None:
         if not holds_registers(self):
             return original(self, save_directory, *args, **kwargs)
+        from .architectures import find_vision_tower
         from .hub import render_model_card
         from .saving import atomic_save
 
@@ -190,13 +216,20 @@ def _wrap_save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
         options.update(bound.arguments.get("kwargs", {}))
         if not options.get("is_main_process", True):
             return original(self, save_directory, **options)  # writes nothing: the main process saves
-        selected = options.get("selected_adapters") or [self.active_adapter]
+        selected = list(options.get("selected_adapters") or self.peft_config)
+        tower_path = find_vision_tower(self).path
+        for name in selected:  # the weights are saved under this model's tower
+            self.peft_config[name].tower_path = tower_path
 
         def save(folder: str, **settings: Any) -> None:
-            original(self, folder, **settings)
-            if selected != [self.active_adapter] and len(selected) == 1:  # PEFT's save described the active one
-                card = render_model_card(self, selected[0], **card_metadata(self))
-                card.save(os.path.join(folder, "README.md"))
+            original(self, folder, **settings)  # the root card: create_or_update_model_card, for card_adapter(self)
+            cards = [(name, os.path.join(folder, name)) for name in selected if name != "default"]
+            if "default" not in selected:  # the root holds no adapter: its card describes one that was saved
+                root = self.active_adapter if self.active_adapter in selected else selected[0]
+                if root != card_adapter(self):
+                    cards.append((root, folder))
+            for name, where in cards:
+                render_model_card(self, name, **card_metadata(self)).save(os.path.join(where, "README.md"))
 
         atomic_save(save_directory, save, **options)
 
@@ -210,7 +243,7 @@ def _wrap_create_or_update_model_card(original: Callable[..., Any]) -> Callable[
             return original(self, output_dir)
         from .hub import render_model_card
 
-        card = render_model_card(self, self.active_adapter, **card_metadata(self))
+        card = render_model_card(self, card_adapter(self), **card_metadata(self))
         card.save(os.path.join(output_dir, "README.md"))
 
     return create_or_update_model_card
@@ -256,3 +289,231 @@ def install_peft_model_methods() -> None:
         wrapper = wrap(current)
         wrapper._register_adapter = True
         setattr(PeftModel, name, wrapper)
+
+
+# -- loading adapter weights -------------------------------------------------------------------------------------------
+
+MAX_LISTED_KEYS = 5
+
+
+def adapter_state_keys(model: Any, adapter_name: str) -> set[str]:
+    """The keys of ``model.state_dict()`` that hold adapter ``adapter_name``: the weights of its tuner layers
+    (registers, LoRA, ...) and of its copies of ``modules_to_save``."""
+    from peft.tuners.tuners_utils import _get_tuner_state_dict_key_prefixes, _is_key_under_prefixes
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    keys = {key for key in model.state_dict() if _is_key_under_prefixes(key, prefixes)}
+    for path, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            keys.update(f"{path}.{key}" for key in module.adapter_state_dict_load_map(adapter_name).values())
+    return keys
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(key.removeprefix(PEFT_PREFIX) for key in keys[:MAX_LISTED_KEYS])
+    return shown + (f" and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else "")
+
+
+def _saved_module(key: str, names: list[str]) -> str | None:
+    """The module of ``modules_to_save`` (``names``, matched as PEFT matches them) that the saved ``key`` is a weight
+    of, or ``None``."""
+    parts = key.removeprefix(PEFT_PREFIX).split(".")[:-1]
+    for end in range(len(parts), 0, -1):
+        path = ".".join(parts[:end])
+        if any(path.endswith(name) for name in names):
+            return path
+    return None
+
+
+def check_adapter_state(model: Any, config: Any, adapter_name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Check that ``state_dict`` (keys as PEFT is about to load them into ``model``) restores adapter
+    ``adapter_name`` exactly, and drop the saved ``modules_to_save`` that ``model`` has no place for.
+
+    Returns:
+        ``state_dict`` without the dropped modules' weights.
+
+    Warns:
+        DroppedModulesWarning: saved ``modules_to_save`` (e.g. a classification head) have no place in ``model``.
+
+    Raises:
+        AdapterMismatchError: a saved weight has no place in ``model`` or another shape there, or an adapter weight of
+            ``model`` has none saved (it would stay freshly initialised).
+    """
+    from .architectures import find_vision_tower
+    from .errors import AdapterMismatchError, DroppedModulesWarning
+
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    expected = adapter_state_keys(model, adapter_name)
+    prefixed = any(key.startswith(PEFT_PREFIX) for key in shapes)  # a PeftModel; not a model with injected layers
+    placed, unplaced, mismatched = set(), [], []
+    for key, value in state_dict.items():
+        target = key if prefixed else key.removeprefix(PEFT_PREFIX)
+        if target not in expected:
+            unplaced.append(key)
+            continue
+        placed.add(target)
+        if tuple(value.shape) != shapes[target]:
+            mismatched.append(
+                f"{target.removeprefix(PEFT_PREFIX)} {list(value.shape)} in the adapter, "
+                f"{list(shapes[target])} in the model"
+            )
+    # modules_to_save, with those that RegisterModel did not copy because the model has no place for them
+    names = [*(config.modules_to_save or []), *getattr(config, "_dropped_modules", [])]
+    dropped = {key: _saved_module(key, names) for key in unplaced}
+    others = sorted(key for key, module in dropped.items() if module is None)
+    missing = sorted(expected - placed)
+    model_name = type(find_vision_tower(model).root).__name__
+    saved_from = (config.auto_mapping or {}).get("base_model_class") or "the model it was saved from"
+    if mismatched:
+        raise AdapterMismatchError(
+            f"The adapter's weights do not fit {model_name}: {'; '.join(mismatched)}. Load it into a model of the "
+            f"size it was made for ({saved_from}); for a classification head, load the base model with its number of "
+            "labels."
+        )
+    if others:
+        raise AdapterMismatchError(
+            f"{len(others)} weights of the adapter have no place in {model_name}: {_listing(others)}. Load it into a "
+            f"model of the architecture it was made for ({saved_from}) or another class of that family."
+        )
+    if missing:
+        raise AdapterMismatchError(
+            f"The adapter files hold no weights for {len(missing)} parameters that adapter {adapter_name!r} has in "
+            f"{model_name}: {_listing(missing)}; they would stay freshly initialised. Load it into a model of the "
+            f"architecture it was made for ({saved_from})."
+        )
+    modules = sorted({module for module in dropped.values() if module is not None})
+    if modules:
+        one = len(modules) == 1
+        warnings.warn(
+            f"The adapter's {', '.join(modules)} (modules_to_save) {'has' if one else 'have'} no place in "
+            f"{model_name} and {'is' if one else 'are'} not loaded; the rest of the adapter is. To use "
+            f"{'it' if one else 'them'}, load the adapter into a model that has {'it' if one else 'them'}, such as "
+            f"{saved_from}.",
+            DroppedModulesWarning,
+            stacklevel=2,
+        )
+    return {key: value for key, value in state_dict.items() if key not in dropped}
+
+
+def _download_kwargs(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The Hub download arguments that transformers' ``load_adapter`` would use, from its bound ``arguments``."""
+    from huggingface_hub import hf_hub_download
+
+    load_config = arguments.get("load_config")
+    found = dict(getattr(load_config, "download_kwargs", None) or {})
+    found.update(arguments.get("kwargs", {}).get("download_kwargs") or {})
+    found.update(arguments.get("adapter_kwargs") or {})
+    if arguments.get("local_files_only"):
+        found["local_files_only"] = True
+    accepted = inspect.signature(hf_hub_download).parameters
+    return {key: value for key, value in found.items() if key in accepted and value is not None}
+
+
+def _saved_register_config(model_id: str, download: dict[str, Any]) -> Any:
+    """The register config saved at ``model_id``; ``None`` when it holds another kind of adapter or none that can be
+    read (transformers' own ``load_adapter`` then reports why)."""
+    from peft import PeftConfig
+
+    from .tuner.config import RegisterConfig
+
+    try:
+        found = PeftConfig.from_pretrained(model_id, **download)
+    except Exception:  # not an adapter, not reachable: transformers' own method raises its usual error
+        return None
+    if not isinstance(found, RegisterConfig):
+        return None
+    return RegisterConfig.from_pretrained(model_id, **download)  # checks the weights next to it
+
+
+def load_register_adapter(
+    model: Any,
+    config: Any,
+    *,
+    model_id: str | None = None,
+    adapter_name: str | None = None,
+    state_dict: dict[str, Any] | None = None,
+    is_trainable: bool = False,
+    low_cpu_mem_usage: bool = False,
+    download: dict[str, Any] | None = None,
+) -> Any:
+    """transformers' ``model.load_adapter`` for a register adapter, with PEFT's low-level API: inject the adapter into
+    ``model`` and load its weights with ``set_peft_model_state_dict``. On an error the half-loaded adapter is
+    removed again."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.save_and_load import load_peft_weights
+    from transformers.utils.loading_report import LoadStateDictInfo
+
+    adapter_name = adapter_name or "default"
+    if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in model.peft_config:
+        raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+    if state_dict is None:
+        device = next(model.parameters()).device
+        state_dict = load_peft_weights(model_id, device=str(device), **(download or {}))
+    # Keys as get_peft_model_state_dict gives them for a model with injected layers: without PeftModel's prefix.
+    state_dict = {key.removeprefix(PEFT_PREFIX): value for key, value in state_dict.items()}
+    config.inference_mode = not is_trainable
+    inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    model._hf_peft_config_loaded = True
+    try:
+        set_peft_model_state_dict(model, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    except BaseException:
+        model.delete_adapter(adapter_name)
+        raise
+    if config.inference_mode:
+        model.eval()
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.requires_grad_(False)
+    return LoadStateDictInfo(
+        missing_keys=set(),
+        unexpected_keys=set(),
+        mismatched_keys=set(),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
+
+
+def _wrap_transformers_load_adapter(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from .tuner.config import RegisterConfig
+
+        bound = inspect.signature(original).bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        load_config = arguments.get("load_config")
+        model_id = arguments.get("peft_model_id") or getattr(load_config, "pretrained_model_name_or_path", None)
+        download = _download_kwargs(arguments)
+        config = arguments.get("peft_config")
+        if config is None and model_id is not None:
+            config = _saved_register_config(model_id, download)
+        if not isinstance(config, RegisterConfig) or arguments.get("hotswap") is True:
+            return original(self, *args, **kwargs)
+        return load_register_adapter(
+            self,
+            config,
+            model_id=model_id,
+            adapter_name=arguments.get("adapter_name"),
+            state_dict=arguments.get("adapter_state_dict"),
+            is_trainable=arguments.get("is_trainable", False),
+            low_cpu_mem_usage=arguments.get("low_cpu_mem_usage", False),
+            download=download,
+        )
+
+    return load_adapter
+
+
+def install_transformers_load_adapter() -> None:
+    """Make transformers' ``model.load_adapter`` (and so ``from_pretrained`` and ``pipeline`` on an adapter folder)
+    load register adapters with PEFT's loader, which restores their LoRA weights and moves them to the model's tower.
+    Idempotent."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    current = PeftAdapterMixin.load_adapter
+    if getattr(current, "_register_adapter", False):
+        return
+    wrapper = _wrap_transformers_load_adapter(current)
+    wrapper._register_adapter = True
+    PeftAdapterMixin.load_adapter = wrapper

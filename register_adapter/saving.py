@@ -5,6 +5,9 @@ Only safetensors are written and read: a pickled ``adapter_model.bin`` can run c
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -13,6 +16,8 @@ import tempfile
 from typing import Any
 
 from .errors import AdapterFilesError, InvalidConfigError
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
@@ -24,8 +29,15 @@ SAFETENSORS_ONLY = (
 
 
 def atomic_save(save_directory: str | os.PathLike, save: Any, **kwargs: Any) -> None:
-    """Run ``save(tmp_dir, **kwargs)`` into a temporary folder inside ``save_directory``, then move each file into
-    place with ``os.replace``, the config last: an interrupted save leaves the previous adapter files as they were.
+    """Run ``save(tmp_dir, **kwargs)`` into a temporary folder inside ``save_directory``, then move its files into
+    place, so that an interrupted save leaves the previous adapter readable.
+
+    An adapter is two files (config and weights) that must come from one save, and no single rename replaces both.
+    So before the first move, the files about to be replaced are kept in a journal folder (hard links) with the list
+    of files that are new; it is complete before anything is moved. When every file is in place the journal is
+    removed. If the save stops between its moves, the journal puts the previous files back and removes the new ones:
+    at once on an error, and after a kill at the next save into the folder or the next load of the adapter
+    (:func:`recover_interrupted_saves`).
 
     Raises:
         InvalidConfigError: ``safe_serialization=False`` (register adapters are only saved as safetensors).
@@ -34,27 +46,88 @@ def atomic_save(save_directory: str | os.PathLike, save: Any, **kwargs: Any) -> 
         raise InvalidConfigError(SAFETENSORS_ONLY)
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
-    _remove_killed_saves(save_directory)
+    recover_interrupted_saves(save_directory)
     prefix = f"{STALE_SAVE_PREFIX}{socket.gethostname()}-{os.getpid()}-"
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=prefix) as tmp:
         save(tmp, **kwargs)
-        for root, _, files in os.walk(tmp):
-            relative = os.path.relpath(root, tmp)
-            target_dir = os.path.normpath(os.path.join(save_directory, relative))
-            os.makedirs(target_dir, exist_ok=True)
-            # The config goes last so that a loader never sees a new config next to old weights.
-            for name in sorted(files, key=lambda n: n == "adapter_config.json"):
-                os.replace(os.path.join(root, name), os.path.join(target_dir, name))
+        # The config goes last: a loader never sees a new config next to old weights, even without the journal.
+        files = sorted(
+            (os.path.relpath(os.path.join(root, name), tmp) for root, _, names in os.walk(tmp) for name in names),
+            key=lambda path: (os.path.basename(path) == "adapter_config.json", path),
+        )
+        journal = _write_journal(save_directory, files, f"{tmp}{JOURNAL_SUFFIX}")
+        try:
+            for path in files:
+                target = os.path.join(save_directory, path)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(os.path.join(tmp, path), target)
+        except BaseException:
+            _roll_back(save_directory, journal)
+            raise
+        shutil.rmtree(journal)
 
 
-def _remove_killed_saves(save_directory: str) -> None:
-    """Remove the temporary folders of saves into ``save_directory`` whose process, on this host, no longer runs."""
-    host = socket.gethostname()
-    for name in os.listdir(save_directory):
-        found = re.fullmatch(rf"{re.escape(STALE_SAVE_PREFIX)}(.+)-(\d+)-[^-]+", name)
-        if found is None or found[1] != host or _process_runs(int(found[2])):
+JOURNAL_SUFFIX = ".previous"
+CREATED_LIST = "created.json"
+
+
+def _write_journal(save_directory: str, files: list[str], journal: str) -> str:
+    """Keep the files of ``save_directory`` that ``files`` will replace in the folder ``journal`` (hard links, copies
+    where the file system has none), with the list of the ``files`` that are new. The journal appears under its name
+    only once complete."""
+    partial = f"{journal}-partial"
+    os.makedirs(partial)
+    created = []
+    for path in files:
+        current = os.path.join(save_directory, path)
+        if not os.path.isfile(current):
+            created.append(path)
             continue
-        shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
+        kept = os.path.join(partial, "files", path)
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        try:
+            os.link(current, kept)
+        except OSError:
+            shutil.copy2(current, kept)
+    with open(os.path.join(partial, CREATED_LIST), "w") as handle:
+        json.dump(created, handle)
+    os.rename(partial, journal)
+    return journal
+
+
+def _roll_back(save_directory: str, journal: str) -> None:
+    """Put the files kept in ``journal`` back into ``save_directory`` and remove the files the save created."""
+    with open(os.path.join(journal, CREATED_LIST)) as handle:
+        created = json.load(handle)
+    for path in created:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(save_directory, path))
+    kept = os.path.join(journal, "files")
+    for root, _, names in os.walk(kept):
+        for name in names:
+            path = os.path.relpath(os.path.join(root, name), kept)
+            os.replace(os.path.join(kept, path), os.path.join(save_directory, path))
+    shutil.rmtree(journal)
+
+
+def recover_interrupted_saves(folder: str | os.PathLike) -> None:
+    """Finish what saves into ``folder`` left behind when their process was killed (on this host): put the previous
+    adapter back where a save stopped between its moves, and remove their temporary folders. Saves whose process
+    still runs are left alone."""
+    folder = os.fspath(folder)
+    host = socket.gethostname()
+    found = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(rf"{re.escape(STALE_SAVE_PREFIX)}(.+)-(\d+)-[^-]+(?:-partial)?", name)
+        if match is not None and match[1] == host and not _process_runs(int(match[2])):
+            found.append(name)
+    for name in sorted(found, key=lambda name: not name.endswith(JOURNAL_SUFFIX)):  # journals first
+        path = os.path.join(folder, name)
+        if name.endswith(JOURNAL_SUFFIX):
+            logger.warning("Restoring the adapter in %s that a killed save had begun to replace.", folder)
+            _roll_back(folder, path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _process_runs(pid: int) -> bool:
@@ -67,9 +140,11 @@ def _process_runs(pid: int) -> bool:
     return True
 
 
-def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, config: Any = None, **hub_kwargs) -> str:
-    """Return the local path of ``adapter_model.safetensors`` after checking that its header can be read and, given
-    the ``config`` saved with it, that its registers have the shape that config describes."""
+def check_adapter_weights(
+    path_or_repo_id: str, subfolder: str | None = None, config: Any = None, **hub_kwargs
+) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the weights in ``adapter_model.safetensors``, after checking that its header can be read
+    and, given the ``config`` saved with it, that its registers have the shape that config describes."""
     from huggingface_hub import hf_hub_download
     from safetensors import safe_open
 
@@ -111,4 +186,4 @@ def check_adapter_weights(path_or_repo_id: str, subfolder: str | None = None, co
                     f"{config.num_register_tokens} registers of width {config.hidden_size}: the two files come from "
                     "different saves. Save the adapter again."
                 )
-    return weights
+    return shapes

@@ -234,20 +234,48 @@ def drop_unreadable_images(
     dataset: datasets.Dataset, problems: dict[int, str], *, on_bad_image: str = "error", split: str = "train"
 ) -> datasets.Dataset:
     """Apply the ``on_bad_image`` policy to the ``problems`` that :func:`find_unreadable_images` found."""
+    return drop_unreadable_in_splits({split: dataset}, {split: problems}, on_bad_image=on_bad_image)[split]
+
+
+def drop_unreadable_in_splits(
+    splits: dict[str, datasets.Dataset], problems: dict[str, dict[int, str]], *, on_bad_image: str = "error"
+) -> dict[str, datasets.Dataset]:
+    """Apply the ``on_bad_image`` policy to the unreadable images of every split at once (``problems`` by split, as
+    :func:`find_unreadable_images` finds them), so that one error lists the bad files of all splits.
+
+    Returns:
+        The splits, without the unreadable images when ``on_bad_image="skip"``.
+
+    Raises:
+        DataError: with ``"error"``, a split holds unreadable images; with ``"skip"``, no image of a split can be
+            read. The message lists them for every split.
+    """
     check_choice("on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
-    if not problems:
-        return dataset
-    bad = sorted(problems)
-    raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
-    names = [raw[i][IMAGE_COLUMN].get("path") or f"row {i}" for i in bad[:MAX_LISTED]]
-    listing = "; ".join(f"{name} ({problems[i]})" for name, i in zip(names, bad))
-    more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-    if on_bad_image == "error" or len(bad) == len(dataset):
-        hint = "Remove or replace them, or pass --on_bad_image skip to leave them out."
-        if len(bad) == len(dataset):
-            hint = "No image of this split can be read."
-        raise DataError(f"{len(bad)} of {len(dataset)} {split} images cannot be read: {listing}{more}. {hint}")
-    logger.warning(
-        "Skipping %d of %d %s images that cannot be read: %s%s", len(bad), len(dataset), split, listing, more
-    )
-    return dataset.select([i for i in range(len(dataset)) if i not in problems])
+    kept, refused, empty = dict(splits), [], []
+    for split, dataset in splits.items():
+        bad = sorted(problems.get(split) or {})
+        if not bad:
+            continue
+        raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+        names = [raw[i][IMAGE_COLUMN].get("path") or f"row {i}" for i in bad[:MAX_LISTED]]
+        listing = "; ".join(f"{name} ({problems[split][i]})" for name, i in zip(names, bad))
+        more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        if on_bad_image == "error" or len(bad) == len(dataset):
+            refused.append(f"{len(bad)} of {len(dataset)} {split} images cannot be read: {listing}{more}.")
+            empty += [split] if len(bad) == len(dataset) else []
+            continue
+        logger.warning(
+            "Skipping %d of %d %s images that cannot be read: %s%s", len(bad), len(dataset), split, listing, more
+        )
+        kept[split] = dataset.select([i for i in range(len(dataset)) if i not in problems[split]])
+    if refused:
+        if on_bad_image == "error":
+            hint = "Remove or replace them, or pass --on_bad_image skip to leave them out."
+        else:
+            hint = (
+                "No image of this split can be read."
+                if len(splits) == 1
+                else (f"No image of the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} can be read.")
+            )
+        raise DataError(f"{' '.join(refused)} {hint}")
+    return kept

@@ -113,6 +113,18 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
 }
 
 
+def supported_tiny_models() -> list[str]:
+    """The tiny models of the families that take registers, sorted (``tiny-beit`` and ``tiny-data2vec-vision`` are
+    there to test that their families are refused)."""
+    from .architectures import UNSUPPORTED
+
+    return sorted(
+        name
+        for name, (config, _, _) in TINY_MODELS.items()
+        if getattr(transformers, config).model_type not in UNSUPPORTED
+    )
+
+
 def tiny_config(name: str, **overrides: Any) -> transformers.PretrainedConfig:
     """The config of the built-in tiny model ``name`` with ``overrides`` applied (e.g. ``num_labels=3``)."""
     if name not in TINY_MODELS:

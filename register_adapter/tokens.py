@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .architectures import VisionTower, find_vision_tower
+from .errors import InvalidConfigError
 
 
 @dataclass(frozen=True)
@@ -19,12 +20,16 @@ class TokenLayout:
         num_native_registers: Registers the architecture has itself (``Dinov2WithRegisters``, DINOv3).
         num_registers: Registers inserted by the active register adapter (0 for a plain or disabled model).
         has_cls: Whether token 0 is a CLS token.
+        sequence_lengths: Lengths of the sequences the model's forward passes produced with ``num_registers``
+            registers inserted, when known (a model with a register adapter that has run); :func:`split_tokens`
+            refuses sequences of other lengths, which do not hold the registers where this layout puts them.
     """
 
     num_prefix_tokens: int
     num_native_registers: int
     num_registers: int
     has_cls: bool
+    sequence_lengths: frozenset[int] | None = None
 
     @property
     def num_all_registers(self) -> int:
@@ -55,16 +60,19 @@ class TokenGroups:
 
 def token_layout(model: nn.Module | VisionTower) -> TokenLayout:
     """The layout of the sequence that ``model`` (or its vision tower) runs on now (the active adapter's registers
-    included)."""
+    included), with the lengths of the sequences its forward passes produced so far with that many registers."""
     tower = model if isinstance(model, VisionTower) else find_vision_tower(model)
     embeddings = tower.embeddings
     registers = getattr(embeddings, "num_active_registers", 0)  # a RegisterLayer's, 0 for plain embeddings
+    seen = getattr(embeddings, "layouts_seen", set())
+    lengths = frozenset(length for count, length in seen if count == registers)
     native = tower.num_native_registers
     return TokenLayout(
         num_prefix_tokens=tower.num_prefix_tokens - native,
         num_native_registers=native,
         num_registers=registers,
         has_cls=tower.spec.has_cls,
+        sequence_lengths=lengths or None,
     )
 
 
@@ -72,8 +80,14 @@ def split_tokens(sequence: torch.Tensor, layout: TokenLayout | nn.Module) -> Tok
     """Split a full sequence (B, S, D), e.g. ``hidden_states[i]``, into named groups.
 
     Args:
-        sequence: A sequence that still holds every token (registers not stripped).
-        layout: A :class:`TokenLayout`, or the model to read it from.
+        sequence: A sequence that still holds every token (registers not stripped), from a forward pass with the
+            registers that ``layout`` describes.
+        layout: A :class:`TokenLayout`, or the model to read it from (its adapter as it is now).
+
+    Raises:
+        InvalidConfigError: ``sequence`` is shorter than the tokens before the patches, or (for a model with a register
+            adapter) of a length its forward passes never produced with these registers: it does not hold them, like
+            ``last_hidden_state`` (registers removed) or a sequence of a pass under ``disable_adapter()``.
 
     Example:
 
@@ -88,9 +102,24 @@ def split_tokens(sequence: torch.Tensor, layout: TokenLayout | nn.Module) -> Tok
     """
     if not isinstance(layout, TokenLayout):
         layout = token_layout(layout)
+    _check_length(sequence.shape[1], layout)
     prefix, registers, patches = sequence.split(
         [layout.num_prefix_tokens, layout.num_all_registers, sequence.shape[1] - layout.num_special_tokens], dim=1
     )
     return TokenGroups(
         cls=prefix[:, 0] if layout.has_cls else None, prefix=prefix, registers=registers, patches=patches
+    )
+
+
+def _check_length(length: int, layout: TokenLayout) -> None:
+    known = layout.sequence_lengths
+    if length > layout.num_special_tokens and (known is None or length in known):
+        return
+    expected = " or ".join(str(n) for n in sorted(known)) if known else f"more than {layout.num_special_tokens}"
+    raise InvalidConfigError(
+        f"split_tokens got a sequence of {length} tokens, but the model's sequences with {layout.num_registers} "
+        f"added registers have {expected} ({layout.num_special_tokens} before the patches): this one does not hold "
+        "the registers where the layout puts them. Pass a sequence with every token, such as a hidden state "
+        "(output_hidden_states=True) rather than last_hidden_state, from which registers are removed; for a forward "
+        "pass under disable_adapter(), take its layout with token_layout(model) inside that block."
     )

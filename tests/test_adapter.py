@@ -24,6 +24,7 @@ from testing_common import (
 
 from register_adapter import (
     FamilySpec,
+    InvalidConfigError,
     RegisterConfig,
     RegisterLayer,
     UnsupportedModelError,
@@ -117,6 +118,29 @@ def test_hidden_states_keep_registers_for_the_residual_stream():
     layer = model.base_model.model.embeddings
     assert isinstance(layer, RegisterLayer)
     assert torch.equal(registers, layer.register_tokens["default"].expand(2, -1, -1))
+
+
+def test_split_tokens_refuses_a_sequence_that_does_not_hold_the_registers():
+    _, model = adapted("tiny-vit", "base")
+    inputs = make_inputs("tiny-vit")
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        model(pixel_values=torch.rand(1, 3, 44, 44), interpolate_pos_encoding=True)  # another size: 488 tokens
+        with model.disable_adapter():
+            plain = model(**inputs, output_hidden_states=True)
+            inside = split_tokens(plain.hidden_states[-1], model)  # the layout of this pass: no registers
+    assert torch.equal(inside.patches, plain.hidden_states[-1][:, 1:]) and inside.registers.shape[1] == 0
+    assert torch.equal(split_tokens(out.hidden_states[-1], model).patches, out.hidden_states[-1][:, 4:])
+    message = (
+        "split_tokens got a sequence of 226 tokens, but the model's sequences with 3 added registers have 229 or 488 "
+        "(4 before the patches): this one does not hold the registers where the layout puts them. Pass a sequence "
+        "with every token, such as a hidden state (output_hidden_states=True) rather than last_hidden_state, from "
+        "which registers are removed; for a forward pass under disable_adapter(), take its layout with "
+        "token_layout(model) inside that block."
+    )
+    for without_registers in (out.last_hidden_state, plain.hidden_states[-1]):
+        with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+            split_tokens(without_registers, model)
 
 
 def test_multiple_adapters_each_with_its_own_register_count(tmp_path):

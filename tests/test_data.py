@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import pytest
 import torch
@@ -454,6 +455,26 @@ def test_evaluation_transform_is_the_image_processor_alone():
     expected = clip(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
     assert torch.equal(pixels, expected)
     assert pixels.shape == (2, 3, 30, 30)
+
+
+def test_a_file_path_is_read_upright_as_its_exif_orientation_says_as_datasets_reads_it(tmp_path):
+    from register_adapter.architectures import find_vision_tower
+    from register_adapter.images import load_image
+    from register_adapter.pixels import as_pixel_values
+    from register_adapter.tiny import build_tiny_model
+
+    raw = make_image(COLOURS["red"], seed=0, size=(512, 320))
+    exif = PIL.Image.Exif()
+    exif[PIL.ExifTags.Base.Orientation] = 6  # stored landscape, shown rotated by 90 degrees
+    path = tmp_path / "portrait.jpg"
+    raw.save(path, exif=exif)
+
+    upright = load_image(path)
+    by_datasets = datasets.Image().decode_example({"path": str(path), "bytes": None}).convert("RGB")
+    assert upright.size == by_datasets.size == (320, 512)
+    assert np.array_equal(np.asarray(upright), np.asarray(by_datasets))
+    tower = find_vision_tower(build_tiny_model("tiny-vit"))
+    assert torch.equal(as_pixel_values([path], tower, processor()), as_pixel_values([by_datasets], tower, processor()))
 
 
 def test_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white_by_training_and_diagnostics(tmp_path):

@@ -3,12 +3,13 @@ bad inputs give a clear error and exit status 2."""
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from register_adapter import add_registers
+from register_adapter import DroppedModulesWarning, add_registers
 from register_adapter.cli import main as cli_main
 from register_adapter.cli.diagnose import main
 from register_adapter.diagnostics import find_artifacts
@@ -120,6 +121,29 @@ def test_adapter_before_and_after(saved, tmp_path, monkeypatch):
         "000_scene0.png",
         "000_scene0_adapter.png",
     }
+
+
+def test_an_adapter_trained_on_a_classifier_diagnoses_the_base_model(saved, tmp_path):
+    from transformers import Dinov2ForImageClassification
+
+    root, planted, scene = saved
+    classifier = Dinov2ForImageClassification.from_pretrained(root / "model", num_labels=2)
+    # What `register-adapter train` writes: registers and the head, saved from the classifier.
+    trained = add_registers(classifier, 4, init="scaled_randn", modules_to_save=["classifier"], labels=["a", "b"])
+    trained.save_pretrained(tmp_path / "trained")
+    image, out = str(root / "images" / "scene0.png"), tmp_path / "out"
+    argv = ["--model", str(root / "model"), "--adapter", str(tmp_path / "trained"), image, "--out", str(out)]
+    warning = (
+        "The adapter's classifier (modules_to_save) has no place in Dinov2Model and is not loaded; the rest of the "
+        "adapter is. To use it, load the adapter into a model that has it, such as Dinov2ForImageClassification."
+    )
+    with pytest.warns(DroppedModulesWarning, match=f"^{re.escape(warning)}$"):
+        assert main([*argv, "--max-panels", "0"]) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    expected = find_artifacts(trained, planted.preprocess(scene.images[:1])).to_dict()
+    assert report["with_adapter"]["images"][0]["register_norms"] == expected["images"][0]["register_norms"]
+    assert report["with_adapter"]["layers"] == expected["layers"]  # the trained registers, at every layer
 
 
 def _truncated_jpeg(path):

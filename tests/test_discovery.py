@@ -69,6 +69,7 @@ def test_corloc_refuses_one_box_per_image_where_a_list_of_boxes_is_due():
     )
     with pytest.raises(InvalidConfigError, match=r"^corloc: prediction 0 is 7, not a box \(x0, y0, x1, y1\): give "):
         corloc([7], [[(0, 0, 10, 10)]])
+    assert corloc([(0, 0, 10, 10), (0, 0, 10, 10)], [[(0, 0, 10, 9)], []]) == 0.5  # no box: a miss
 
 
 @pytest.mark.parametrize("family", ["dinov2", "clip-vision"])

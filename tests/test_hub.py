@@ -32,6 +32,16 @@ def test_card_of_a_lora_adapter_names_its_rank_and_targets():
     assert "| LoRA in the same adapter | rank 8, alpha 32 on `q_proj`, `v_proj` |" in card
 
 
+def test_card_of_an_adapter_with_labels_loads_it_in_one_line_without_sizing_the_head():
+    from register_adapter.hub import render_model_card
+
+    card = render_model_card(trained_adapter(labels=["cat", "dog", "fox"]), repo_id="org/regs").content
+    assert 'base = ViTForImageClassification.from_pretrained("org/tiny-vit")\n' in card
+    assert "The adapter holds its 3 class names" in card
+    assert 'model = AutoModelForImageClassification.from_pretrained("org/regs")' in card
+    assert 'classify = pipeline("image-classification", model="org/regs")' in card
+
+
 @pytest.mark.parametrize("made_by", ["add_registers", "PeftModel.from_pretrained"])
 def test_push_to_hub_uploads_adapter_and_our_card_in_one_commit(made_by, fake_hub, tmp_path):
     model = trained_adapter()

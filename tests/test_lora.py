@@ -92,3 +92,24 @@ def test_lora_targets_must_be_linear_layers():
         "inside a register adapter wraps linear layers. Its blocks have these: ['fc1', 'fc2', 'k_proj', 'o_proj', "
         "'q_proj', 'v_proj']."
     )
+
+
+def test_a_second_adapter_with_lora_wraps_the_layers_the_first_one_wrapped(tmp_path):
+    model = add_registers(build("tiny-vit", "base"), 2, lora_r=2)
+    model.add_adapter("second", RegisterConfig(num_register_tokens=3, lora_r=4, init="scaled_randn"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, weight in model.named_parameters():
+            if "lora_B.second" in key:  # LoRA B starts at zero
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    model.set_adapter("second")
+    inputs = make_inputs("tiny-vit")
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    model.save_pretrained(tmp_path)  # default in tmp_path, second in tmp_path/second
+
+    loaded = PeftModel.from_pretrained(build("tiny-vit", "base"), tmp_path)
+    loaded.load_adapter(tmp_path / "second", adapter_name="second")
+    loaded.set_adapter("second")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).last_hidden_state, expected)

@@ -1,5 +1,8 @@
 """The oracle: DINOv2 + our registers must reproduce transformers' native Dinov2WithRegisters models exactly."""
 
+import re
+import warnings
+
 import pytest
 import torch
 from testing_common import max_diff, shapes
@@ -252,3 +255,53 @@ def test_export_needs_an_active_register_adapter():
     with model.disable_adapter(), pytest.raises(UnsupportedModelError) as error:
         to_dinov2_with_registers(model)
     assert str(error.value) == "to_dinov2_with_registers needs an active register adapter; none is active."
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_an_export_from_a_plain_dinov2_base_warns_that_only_its_image_size_is_exact(task):
+    model = from_dinov2_with_registers(native_model(task), antialias=False)  # a Dinov2* base: no antialiasing
+    name = type(model.get_base_model()).__name__
+    message = (
+        f"{name} interpolates position embeddings without antialiasing and the exported "
+        f"{name.replace('Dinov2', 'Dinov2WithRegisters')} with it, as transformers' Dinov2WithRegisters models do: "
+        "their outputs agree exactly only on 30x30 images (config.image_size) and differ on every other size. Run "
+        "the exported model at that size, or keep the adapter for other sizes."
+    )
+    with pytest.warns(UserWarning, match=f"^{re.escape(message)}$"):
+        exported = to_dinov2_with_registers(model)
+    native_size, other_size = torch.rand(2, 3, 30, 30), torch.rand(2, 3, 30, 46)
+    with torch.no_grad():
+        assert max_diff(exported(native_size)[TASKS[task]], model(pixel_values=native_size)[TASKS[task]]) == 0.0
+        assert max_diff(exported(other_size)[TASKS[task]], model(pixel_values=other_size)[TASKS[task]]) > 1e-4
+
+
+def adapter_with_head_and_lora(task, lora_r):
+    """A register adapter on the exact base (Dinov2WithRegisters without registers) with a trained head
+    (classifier) and LoRA whose weights change the outputs."""
+    overrides = {"num_labels": 3} if task == "classification" else {}
+    base = build_tiny_model("tiny-dinov2-with-registers", task, num_register_tokens=0, **overrides)
+    heads = ["classifier"] if task == "classification" else None
+    model = add_registers(base, 4, init="scaled_randn", lora_r=lora_r, modules_to_save=heads)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, weight in model.named_parameters():
+            if "lora_B" in key or "modules_to_save" in key:  # LoRA B starts at zero, the head's copy as the base's
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    return model
+
+
+EXPORTED_ADAPTERS = [("classification", 0), ("classification", 2), ("base", 2), ("backbone", 2)]
+
+
+@pytest.mark.parametrize(("task", "lora_r"), EXPORTED_ADAPTERS, ids=[f"{t}-lora{r}" for t, r in EXPORTED_ADAPTERS])
+def test_export_carries_the_trained_head_and_merged_lora(task, lora_r):
+    model = adapter_with_head_and_lora(task, lora_r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the exact base: no warning
+        exported = to_dinov2_with_registers(model)
+    for size in SIZES:
+        x = torch.rand(2, 3, *size)
+        with torch.no_grad():
+            difference = max_diff(exported(x)[TASKS[task]], model(pixel_values=x)[TASKS[task]])
+        # Merging LoRA into the projection weights rounds differently from adding its output: about 1e-6 in fp32.
+        assert difference == 0.0 if lora_r == 0 else difference < 1e-5

@@ -2,11 +2,14 @@
 adapter files that do not belong together are refused with a typed error."""
 
 import json
+import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from register_adapter.tiny import build_tiny_model
 
 X = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
 ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+REGISTER_KEY = "base_model.model.vit.embeddings.register_tokens"
 
 
 def classifier():
@@ -63,6 +67,81 @@ def test_pickled_saves_and_pushes_are_refused(fake_hub, tmp_path):
         model.push_to_hub("org/pickled", safe_serialization=False)
     assert sorted(os.listdir(tmp_path / "adapter")) == ADAPTER_FILES
     assert fake_hub.commits == []
+
+
+def test_each_folder_of_a_save_holds_the_card_of_the_adapter_stored_in_it(tmp_path):
+    model = add_registers(classifier(), 4)
+    model.add_adapter("eight", RegisterConfig(num_register_tokens=8))
+    model.set_adapter("eight")
+    model.save_pretrained(tmp_path)
+    for folder, count in ((tmp_path, 4), (tmp_path / "eight", 8)):
+        assert json.loads((folder / "adapter_config.json").read_text())["num_register_tokens"] == count
+        card = (folder / "README.md").read_text()
+        assert f"# tiny-vit with {count} register tokens" in card and f"| register tokens | {count} |" in card
+
+
+def eight_registers():
+    return add_registers(classifier(), 8, init="scaled_randn", modules_to_save=["classifier"])
+
+
+def test_a_save_that_stops_between_its_moves_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    old = saved_adapter(tmp_path)
+    real_replace = os.replace
+    failed = []
+
+    def fail_on_the_config(source, target):
+        if str(target).endswith("adapter_config.json") and not failed:  # the weights are moved already
+            failed.append(target)
+            raise OSError("No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_config)
+    with pytest.raises(OSError, match="^No space left on device$"):
+        eight_registers().save_pretrained(tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    assert sorted(os.listdir(tmp_path)) == ADAPTER_FILES
+    assert "# tiny-vit with 4 register tokens" in (tmp_path / "README.md").read_text()
+    reloaded = PeftModel.from_pretrained(classifier(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=X).logits, old(pixel_values=X).logits)
+
+
+@pytest.mark.slow  # a fresh Python process imports torch, transformers and peft
+def test_a_save_killed_between_its_moves_is_rolled_back_when_the_adapter_is_loaded(tmp_path, caplog):
+    old = saved_adapter(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_saving import eight_registers
+
+        real_replace = os.replace
+
+        def kill_on_the_config(source, target):
+            if str(target).endswith("adapter_config.json"):  # the weights are moved already
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(source, target)
+
+        model = eight_registers()
+        os.replace = kill_on_the_config
+        model.save_pretrained({str(tmp_path)!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert load_file(tmp_path / "adapter_model.safetensors")[REGISTER_KEY].shape == (
+        1,
+        8,
+        32,
+    )  # new weights, old config
+
+    with caplog.at_level(logging.WARNING, logger="register_adapter.saving"):
+        reloaded = PeftModel.from_pretrained(classifier(), tmp_path)
+    assert caplog.messages == [f"Restoring the adapter in {tmp_path} that a killed save had begun to replace."]
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=X).logits, old(pixel_values=X).logits)
+    assert sorted(os.listdir(tmp_path)) == ADAPTER_FILES
 
 
 def test_an_adapter_with_only_pickled_weights_is_refused_without_unpickling(tmp_path):

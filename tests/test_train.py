@@ -3,6 +3,7 @@ push to the Hub, and the GPU paths (bf16, fp16, torch.compile)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,12 +18,12 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_data import BAD_LABELS, make_image_folder, save_labelled_dataset
+from test_data import BAD_LABELS, COLOURS, make_image, make_image_folder, save_labelled_dataset
 
 from register_adapter import RegisterLayer
-from register_adapter.cli.train import main
+from register_adapter.cli import main as cli_main
 from register_adapter.errors import DataError, InvalidConfigError, UnsupportedModelError
-from register_adapter.tiny import build_tiny_model
+from register_adapter.tiny import TINY_MODELS, build_tiny_model
 from register_adapter.training.classification import check_metric_for_best_model, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,10 +138,44 @@ def test_training_changes_registers_and_head_only_and_keeps_the_best_adapter(ima
     )
     assert (entry.metric_type, entry.metric_value) == ("accuracy", results["eval_accuracy"])
 
-    # Next to the adapter: the base model's config with the label names, and the image processor's config.
-    config = json.loads((out / "config.json").read_text())
-    assert (config["id2label"], config["label2id"]) == ({"0": "blue", "1": "red"}, {"blue": 0, "red": 1})
+    # The adapter config holds the label names; next to it, the image processor's config and no config.json (which
+    # would make transformers take the folder for a full model).
+    assert json.loads((out / "adapter_config.json").read_text())["labels"] == ["blue", "red"]
     assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 30, "width": 30}
+    assert not (out / "config.json").exists()
+
+
+def test_the_output_folder_loads_as_a_classifier_with_its_labels_in_one_line(tmp_path):
+    from peft import AutoPeftModel
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from register_adapter import find_vision_tower
+    from register_adapter.pixels import default_processor
+
+    base = build_tiny_model("tiny-vit", "classification")  # a pretrained head of 2 classes
+    base.save_pretrained(tmp_path / "base")
+    default_processor(find_vision_tower(base)).save_pretrained(tmp_path / "base")
+    images = make_image_folder(tmp_path / "train", classes=("blue", "green", "red"), per_class=4)
+    out = tmp_path / "out"
+    args = ["--max_steps", "2", "--train_val_split", "0", "--learning_rate", "3e-2"]
+    trained = run(images, out, *args, model=str(tmp_path / "base"))
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "blue", 1: "green", 2: "red"}
+    assert torch.equal(logits(model), logits(trained))
+    assert torch.equal(logits(AutoPeftModel.from_pretrained(out)), logits(trained))
+
+    classify = pipeline("image-classification", model=str(out))
+    image = Image.new("RGB", (30, 30), (40, 180, 60))
+    with torch.no_grad():
+        pixels = classify.image_processor(image, return_tensors="pt")["pixel_values"]
+        probabilities = trained.eval()(pixel_values=pixels).logits.softmax(-1)[0]
+    expected = sorted(zip(probabilities.tolist(), ("blue", "green", "red")), reverse=True)
+    predictions = classify(image)
+    assert [p["label"] for p in predictions] == [label for _, label in expected]
+    # The pipeline computes its own softmax (in numpy): equal up to rounding.
+    assert [p["score"] for p in predictions] == pytest.approx([score for score, _ in expected], abs=1e-6)
 
 
 def test_lora_registers_and_head_are_one_adapter_that_from_pretrained_restores_whole(images, tmp_path):
@@ -250,18 +285,68 @@ def test_missing_label_column_is_refused_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_label_stops_the_cli_before_training_or_is_skipped(tmp_path, caplog):
+def cli_error(argv: list[str], capsys) -> tuple[int, str]:
+    """The exit status of ``register-adapter train argv`` and the last line it wrote to stderr."""
+    try:
+        status = cli_main(["train", *argv])
+    except SystemExit as exit_info:  # argparse's errors
+        status = exit_info.code
+    return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_label_stops_the_cli_before_training_or_is_skipped(tmp_path, capsys):
     path = save_labelled_dataset(tmp_path, {"train": BAD_LABELS}, datasets.ClassLabel(names=["cat", "dog"]))
     out = tmp_path / "out"
-    assert main(dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0")) == 2
-    assert (
-        "1 of 39 train rows have no label or a label outside 0..1 (2 classes): rows 30. Fix or remove those rows, or "
-        "pass --on_bad_image skip to leave them out." in caplog.text
+    assert cli_error(dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0"), capsys) == (
+        2,
+        "register-adapter train: error: 1 of 39 train rows have no label or a label outside 0..1 (2 classes): rows "
+        "30. Fix or remove those rows, or pass --on_bad_image skip to leave them out.",
     )
     assert not out.exists()
 
     args = dataset_cli_args(path, out, "--max_steps", "1", "--train_val_split", "0", "--on_bad_image", "skip")
     assert len(train(*parse_args(args)).train_dataset) == 38
+
+
+CLI_ERRORS = {
+    "unknown flag": (["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
+    "bf16 on a CPU": (
+        ["--bf16"],
+        "Your setup doesn't support bf16/gpu. You need to assign use_cpu if you want to train the model on CPU.",
+    ),
+    "no such model": (["--model", "./no/such/model"], "Cannot load model './no/such/model': no such folder. Give a "
+                      "folder saved with save_pretrained, a Hub id, a built-in tiny model (tiny-vit, ...) or "
+                      "planted:<family>."),
+}  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--bf16 works on a CUDA machine")
+@pytest.mark.parametrize(("extra", "message"), CLI_ERRORS.values(), ids=CLI_ERRORS)
+def test_cli_errors_end_with_one_error_line_and_exit_2(tmp_path, capsys, extra, message):
+    args = [arg for arg in cli_args(tmp_path / "no-images", tmp_path / "out") if arg != "--use_cpu"]
+    if "--model" in extra:  # checked before the data: the missing --train_dir is not reported
+        args[args.index("--model") : args.index("--model") + 2] = []
+    assert cli_error([*args, *extra], capsys) == (2, f"register-adapter train: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_images_of_every_split_are_reported_at_once(tmp_path):
+    train_dir = make_image_folder(tmp_path / "train", per_class=4)
+    validation_dir = make_image_folder(tmp_path / "val", per_class=2)
+    truncated = train_dir / "red" / "004.jpg"
+    buffer = io.BytesIO()
+    make_image(COLOURS["red"], 7, size=(128, 128)).save(buffer, format="JPEG")
+    truncated.write_bytes(buffer.getvalue()[:2000])
+    not_an_image = validation_dir / "blue" / "notes.png"
+    not_an_image.write_text("meeting notes, saved with the wrong extension")
+    args = cli_args(train_dir, tmp_path / "out", "--validation_dir", str(validation_dir))
+    message = (
+        rf"^1 of 9 train images cannot be read: {re.escape(str(truncated))} \(.+\)\. "
+        rf"1 of 5 validation images cannot be read: {re.escape(str(not_an_image))} \(.+\)\. "
+        r"Remove or replace them, or pass --on_bad_image skip to leave them out\.$"
+    )
+    with pytest.raises(DataError, match=message):
+        train(*parse_args(args))
 
 
 def load_folder_as_saved_dataset(tmp_path: Path) -> str:
@@ -273,12 +358,14 @@ def load_folder_as_saved_dataset(tmp_path: Path) -> str:
     return path
 
 
-def test_corrupt_image_stops_the_cli_before_training_or_is_skipped(images, tmp_path, caplog):
+def test_corrupt_image_stops_the_cli_before_training_or_is_skipped(images, tmp_path, capsys):
     corrupt = images / "red" / "003.png"
     corrupt.write_bytes(b"not a png at all")
     out = tmp_path / "out"
-    assert main(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0")) == 2
-    assert f"1 of 16 train images cannot be read: {corrupt}" in caplog.text
+    status, error = cli_error(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0"), capsys)
+    assert status == 2 and error.startswith(
+        f"register-adapter train: error: 1 of 16 train images cannot be read: {corrupt}"
+    )
     assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
 
     trainer = train(*parse_args(cli_args(images, out, "--max_steps", "2", "--train_val_split", "0",
@@ -344,9 +431,9 @@ def test_push_to_hub_uploads_the_best_adapter_with_our_card_in_one_commit(images
     assert len(fake_hub.commits) == 1
     repo, files = fake_hub.commits[0]
     assert repo == "org/regs"
-    assert set(files) == ADAPTER_FILES | {"README.md", "config.json", "preprocessor_config.json"}
+    assert set(files) == ADAPTER_FILES | {"README.md", "preprocessor_config.json"}
     snapshot = fake_hub.snapshot("org/regs")
-    assert json.loads((snapshot / "config.json").read_text())["id2label"] == {"0": "blue", "1": "red"}
+    assert json.loads((snapshot / "adapter_config.json").read_text())["labels"] == ["blue", "red"]
     card = (snapshot / "README.md").read_text()
     assert "register_adapter" in card and "| eval_accuracy |" in card and "org/regs" in card
     restored = PeftModel.from_pretrained(build_tiny_model("tiny-vit", "classification", num_labels=2), snapshot)
@@ -394,9 +481,13 @@ def test_torch_compile_on_gpu_saves_plain_adapter_keys_that_restore(images, tmp_
 
 def test_cli_help_lists_training_register_and_data_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        cli_main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
+    usage = "usage: register-adapter train --model MODEL (--train_dir DIR | --dataset_name NAME) --output_dir DIR"
+    assert text.startswith(f"{usage} [options]\n")
+    offered = re.search(r"built-in tiny model for offline runs \(([^)]*)\)", " ".join(text.split()))[1]
+    assert offered.split(", ") == sorted(set(TINY_MODELS) - {"tiny-beit", "tiny-data2vec-vision"})  # not refused ones
     for flag in ("--model", "--train_dir", "--num_register_tokens", "--on_bad_image", "--bf16", "--push_to_hub",
                  "--resume_from_checkpoint", "--per_device_train_batch_size"):  # fmt: skip
         assert re.search(rf"^\s+{flag}\b", text, re.MULTILINE), flag

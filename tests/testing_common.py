@@ -6,9 +6,9 @@ import functools
 
 import torch
 
-from register_adapter.tiny import TINY_MODELS, build_tiny_model, tiny_image_size
+from register_adapter.tiny import TINY_MODELS, build_tiny_model, supported_tiny_models, tiny_image_size
 
-UNSUPPORTED = {"tiny-beit", "tiny-data2vec-vision"}
+UNSUPPORTED = set(TINY_MODELS) - set(supported_tiny_models())  # BEiT, Data2VecVision: refused families
 
 # (tiny model name, task): every supported family and head.
 CASES = [(name, task) for name, (_, _, tasks) in TINY_MODELS.items() if name not in UNSUPPORTED for task in tasks]

@@ -280,7 +280,6 @@ def find_artifacts(
         An :class:`ArtifactReport`; ``report.to_json(path)`` writes it.
     """
     tower = find_vision_tower(model)
-    layout = token_layout(tower)
     num_layers = len(tower.blocks)
     layer = check_layer(layer, num_layers)
     threshold = check_threshold(threshold)  # before the forward passes: a bad rule costs nothing
@@ -292,6 +291,7 @@ def find_artifacts(
     if len(sources) != count:
         raise InvalidConfigError(f"Got {len(sources)} sources for {count} images.")
     grid = patch_grid(size, tower.patch_size)
+    layout = token_layout(tower)  # after the forward passes: the lengths of their sequences are known
     groups = split_tokens(norms.flatten(0, 1).unsqueeze(-1), layout)  # sequences of norms, one per (layer, image)
     patches = groups.patches.squeeze(-1).reshape(num_layers, count, -1).numpy()  # (L, B, N)
     if patches.shape[-1] != grid[0] * grid[1]:

@@ -90,13 +90,13 @@ def patch_views(model: nn.Module, pixel_values: torch.Tensor, *, batch_size: int
     Runs one forward pass with eager attention (switched back afterwards).
     """
     tower = find_vision_tower(model)
-    layout = token_layout(tower)
     h, w = patch_grid(pixel_values.shape, tower.patch_size)
     last = tower.blocks[-1]
     attentions, tokens = [], []
     with capture([last]) as captured, eval_mode(tower.module), eager_attention(tower):
         for batch in batches(pixel_values, batch_size):
             attention = run_tower(tower, batch, output_attentions=True).attentions[-1].float()  # (b, H, S, S)
+            layout = token_layout(tower)
             received = attention[:, :, 0] if layout.has_cls else attention.mean(2)  # (b, H, S)
             weights = received.mean(1).unsqueeze(-1)  # (b, S, 1)
             attentions.append(split_tokens(weights, layout).patches.squeeze(-1).cpu())  # (b, N)

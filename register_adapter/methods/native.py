@@ -1,14 +1,20 @@
 """Conversion between transformers' native ``Dinov2WithRegisters*`` models and DINOv2 + a register adapter.
 
 The native model is the reference implementation of registers in transformers, which makes it the oracle for the
-injection: a converted model gives the same outputs (max abs diff 0.0 in fp32 at every resolution).
+injection: a converted model gives the same outputs (max abs diff 0.0 in fp32 at every resolution, with the default
+``antialias=True``).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import transformers
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
 
 from ..architectures import find_vision_tower
 from ..errors import UnsupportedModelError
@@ -50,7 +56,9 @@ def from_dinov2_with_registers(
         antialias: The native model interpolates position embeddings with ``antialias=True``; plain ``Dinov2*``
             classes without. With ``True`` (default) the base is the same DINOv2 architecture with zero native
             registers, so outputs are identical at every resolution. With ``False`` the base is a plain ``Dinov2*``
-            class: identical at the native resolution, about 4e-3 apart at others.
+            class: identical at ``config.image_size`` only; elsewhere the pooler output differs by about 5e-3–2e-2 and
+            ``last_hidden_state`` and Backbone feature maps by about 0.15 on random-weight models
+            (``benchmarks/antialias_difference.py``).
         adapter_name: Name of the adapter holding the registers.
 
     The adapter records the base it was made for (``family``, ``native_register_tokens``): with ``antialias=True``
@@ -86,11 +94,48 @@ def from_dinov2_with_registers(
     return peft_model
 
 
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``module`` would have without PEFT's layers, as its active adapters make it compute: the base
+    weight of each LoRA layer with the active adapters' LoRA merged in, the active copy of each ``modules_to_save``
+    module, and the wrapped embeddings of a :class:`~register_adapter.RegisterLayer` (its tokens left out)."""
+    state: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, RegisterLayer):
+            return visit(module.base_layer, prefix)
+        if isinstance(module, ModulesToSaveWrapper):
+            active = [name for name in module.active_adapters if name in module.modules_to_save]
+            use = (
+                module.modules_to_save[active[0]] if active and not module.disable_adapters else module.original_module
+            )
+            return visit(use, prefix)
+        if isinstance(module, LoraLayer):
+            merged = {} if module.disable_adapters else module.active_adapters
+            deltas = [module.get_delta_weight(name) for name in merged if name in module.lora_A]
+            for key, value in module.get_base_layer().state_dict().items():
+                state[prefix + key] = value + sum(deltas) if key == "weight" and deltas else value
+            return None
+        for key, value in module.state_dict(keep_vars=False).items():
+            if "." not in key:  # this module's own parameters and persistent buffers
+                state[prefix + key] = value
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+        return None
+
+    visit(module, "")
+    return state
+
+
 def to_dinov2_with_registers(model: PeftModel) -> torch.nn.Module:
     """Export a DINOv2 model with a register adapter as a native ``Dinov2WithRegisters*`` model.
 
-    The active adapter's registers follow any native ones, as in the adapted model. The native model keeps its
-    registers in ``last_hidden_state`` (its heads skip them), as transformers' implementation does.
+    The active adapter's registers follow any native ones, as in the adapted model; a head trained with the adapter
+    (``modules_to_save``) and LoRA (merged into the attention projections) are exported too. The native model keeps
+    its registers in ``last_hidden_state`` (its heads skip them), as transformers' implementation does.
+
+    A ``Dinov2WithRegisters*`` model interpolates position embeddings with antialiasing, plain ``Dinov2*`` models
+    without: an adapter made on a plain ``Dinov2*`` model is exported with a warning, as the two agree exactly only on
+    images of ``config.image_size`` (see :func:`from_dinov2_with_registers` for the exact base).
 
     Args:
         model: A ``PeftModel`` over ``Dinov2Model``/``Dinov2ForImageClassification``/``Dinov2Backbone`` or their
@@ -109,15 +154,19 @@ def to_dinov2_with_registers(model: PeftModel) -> torch.nn.Module:
     ours, _ = layer.active_tokens()  # (1, R, D)
     if ours is None:
         raise UnsupportedModelError("to_dinov2_with_registers needs an active register adapter; none is active.")
+    if native_name != name:
+        size = tower.config.image_size
+        warnings.warn(
+            f"{name} interpolates position embeddings without antialiasing and the exported {native_name} with it, "
+            f"as transformers' Dinov2WithRegisters models do: their outputs agree exactly only on {size}x{size} "
+            "images (config.image_size) and differ on every other size. Run the exported model at that size, or keep "
+            "the adapter for other sizes.",
+            stacklevel=2,
+        )
     ours = ours.detach()
     native = getattr(layer.base_layer, "register_tokens", ours[:, :0]).detach()  # (1, R0, D)
-    embeddings_key = tower.key("embeddings")
-    state = {}
-    for key, value in base.state_dict().items():
-        if key.startswith(f"{embeddings_key}.register_tokens."):
-            continue
-        state[key.replace(f"{embeddings_key}.base_layer.", f"{embeddings_key}.")] = value
-    state[f"{embeddings_key}.register_tokens"] = torch.cat([native, ours.to(native.dtype)], dim=1)
+    state = plain_state_dict(base)
+    state[tower.key("embeddings.register_tokens")] = torch.cat([native, ours.to(native.dtype)], dim=1)
     return _rebuild(
         base,
         native_name,

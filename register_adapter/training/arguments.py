@@ -20,7 +20,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..sources import BAD_IMAGE_POLICIES, IMAGE_CHECKS
-from ..tiny import TINY_MODELS
+from ..tiny import supported_tiny_models
 from ..tuner.config import INIT_METHODS
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class ModelArguments:
     model: str = field(
         metadata={
             "help": "Path or Hub id of a pretrained vision transformer (ViT, DeiT, DINOv2, CLIP, ...), or the name of "
-            f"a built-in tiny model for offline runs ({', '.join(sorted(TINY_MODELS))})."
+            f"a built-in tiny model for offline runs ({', '.join(supported_tiny_models())})."
         }
     )
     revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
@@ -190,24 +190,39 @@ def _best_model_loadable(save: str, evaluate: str, save_steps: float, eval_steps
     return math.isclose(multiple, round(multiple))
 
 
-def parse_dataclasses(types: tuple[type, ...], argv: list[str] | None, prog: str) -> tuple[Any, ...]:
+def parse_dataclasses(
+    types: tuple[type, ...], argv: list[str] | None, prog: str, usage: str = "%(prog)s [options]"
+) -> tuple[Any, ...]:
     """Parse command-line arguments (or one ``.json``/``.yaml`` file holding them) into the dataclasses ``types``.
 
+    Args:
+        types: The argument dataclasses.
+        argv: The arguments (default ``sys.argv[1:]``).
+        prog: The command, as errors and ``--help`` name it.
+        usage: The usage line, printed above an error and at the top of ``--help`` (which lists every flag).
+
     Raises:
-        SystemExit: with status 2 and argparse's one-line ``error:`` message for an unknown or malformed flag.
+        SystemExit: with status 2 after a usage line and one ``<prog>: error: ...`` line, for an unknown, malformed
+            or invalid flag (also one that ``TrainingArguments`` refuses, such as ``--bf16`` on a CPU).
     """
-    parser = HfArgumentParser(types, prog=prog)
+    parser = HfArgumentParser(types, prog=prog, usage=usage)
     # HfArgumentParser lets a bare --flag mean True only for booleans whose default is not None; ours is None
     # ("decide from the strategies"), and users write a bare --load_best_model_at_end as with TrainingArguments.
     if "--load_best_model_at_end" in parser._option_string_actions:
         bare_flag = parser._option_string_actions["--load_best_model_at_end"]
         bare_flag.nargs, bare_flag.const = "?", True
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(os.path.abspath(argv[0]))
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            return parser.parse_yaml_file(os.path.abspath(argv[0]))
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # a dataclass refused a value, or a file held unknown keys
+        parser.error(" ".join(str(error).split()))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return tuple(parsed)
 
 
 def register_config_kwargs(register_args: RegisterArguments) -> dict[str, Any]:

@@ -10,8 +10,10 @@ or ``accelerate launch -m register_adapter.cli train``); every flag of ``transfo
 What trains: the register tokens, the new classification head (saved in the adapter through ``modules_to_save``),
 and, with ``--lora_r N``, LoRA on the attention projections of the vision tower, all in one adapter that
 ``PeftModel.from_pretrained`` restores whole. At the end the best checkpoint (by validation accuracy) is saved to
-``--output_dir`` with the base model's ``config.json`` (its labels), the image processor's config and a model card
-that holds the evaluation metrics and the training setup.
+``--output_dir`` with the image processor's config and a model card that holds the evaluation metrics and the
+training setup; the adapter config holds the class names (``labels``), so (after ``import register_adapter``)
+``AutoModelForImageClassification.from_pretrained(output_dir)`` and ``pipeline("image-classification",
+model=output_dir)`` give the trained classifier with its labels when ``--model`` was a Hub id or a folder.
 
 From Python:
 
@@ -32,12 +34,12 @@ from typing import Any
 import datasets
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from ..architectures import find_vision_tower
 from ..errors import InvalidConfigError, UnsupportedModelError
 from ..hub import EvalSetting
-from ..loading import load_model
+from ..loading import check_model, load_model
 from ..sources import BAD_IMAGE_POLICIES, IMAGE_CHECKS, check_choice
 from ..tuner import add_registers
 from .arguments import (
@@ -55,6 +57,7 @@ from .runtime import check_images_once, check_resume_config, prepare_push, publi
 
 logger = logging.getLogger(__name__)
 
+PROG = "register-adapter train"
 # Adapter settings that change the trainable parameters: a checkpoint saved with other values cannot be resumed.
 RESUME_FIELDS = ("num_register_tokens", "lora_r", "lora_target_modules", "modules_to_save")
 
@@ -113,7 +116,8 @@ def parse_args(
     return parse_dataclasses(
         (ModelArguments, ClassificationDataArguments, RegisterArguments, ClassificationTrainingArguments),
         argv,
-        prog="register-adapter train",
+        prog=PROG,
+        usage="%(prog)s --model MODEL (--train_dir DIR | --dataset_name NAME) --output_dir DIR [options]",
     )
 
 
@@ -206,8 +210,8 @@ def train(
 
     Every problem with the inputs (a missing folder or column, a bad label, unreadable images, an unsupported model
     family, a ``--metric_for_best_model`` that evaluation does not report, a checkpoint saved with other adapter
-    settings) is raised before the first training step; a ``--resume_from_checkpoint`` without a checkpoint and a
-    ``--push_to_hub`` that cannot create its repository before any data loads.
+    settings) is raised before the first training step; a ``--resume_from_checkpoint`` without a checkpoint, a
+    ``--push_to_hub`` that cannot create its repository and a ``--model`` that cannot be found before any data loads.
 
     Returns:
         The ``Trainer``; ``trainer.model`` is the ``PeftModel`` holding the best (or last) adapter.
@@ -224,6 +228,8 @@ def train(
     check_choice("on_bad_image", data_args.on_bad_image, BAD_IMAGE_POLICIES)
     check_choice("image_check", data_args.image_check, IMAGE_CHECKS)
     hub_repo_id = prepare_push(training_args)
+    model_kwargs = model_args.load_kwargs()
+    check_model(model_args.model, **{k: model_kwargs[k] for k in ("revision", "cache_dir", "trust_remote_code")})
     transformers.set_seed(training_args.seed)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading the dataset"):
@@ -245,8 +251,10 @@ def train(
     if "validation" in splits:
         check_metric_for_best_model(training_args.metric_for_best_model, len(labels))
 
-    model, image_processor = load_model(model_args.model, "classification", labels=labels, **model_args.load_kwargs())
-    model = add_registers(model, modules_to_save=head_modules(model), **register_config_kwargs(register_args))
+    model, image_processor = load_model(model_args.model, "classification", labels=labels, **model_kwargs)
+    model = add_registers(
+        model, modules_to_save=head_modules(model), labels=labels, **register_config_kwargs(register_args)
+    )
     if resume is not None:
         check_resume_config(resume, model.peft_config["default"], RESUME_FIELDS)
     if training_args.should_log:
@@ -299,9 +307,8 @@ def train(
 
     card_metrics = {k: v for k, v in metrics.items() if k.endswith("accuracy") or k == "eval_loss"}
     summary = _training_summary(model_args, register_args, args, splits, trainer.accelerator.num_processes)
-    if trainer.is_world_process_zero():
-        # The base model's config holds the labels (id2label); the Trainer saved the processor's config.
-        trainer.accelerator.unwrap_model(trainer.model).get_base_model().config.save_pretrained(args.output_dir)
+    # The adapter config holds the labels; the Trainer saved the processor's config. No config.json: next to it,
+    # transformers would take the folder for a full model rather than an adapter of its base model.
     publish(
         trainer,
         args,
@@ -309,6 +316,6 @@ def train(
         metrics=card_metrics,
         summary=summary,
         evaluated_on=_evaluated_on(data_args) if "validation" in splits else None,
-        extra_files=(CONFIG_NAME, IMAGE_PROCESSOR_NAME),
+        extra_files=(IMAGE_PROCESSOR_NAME,),
     )
     return trainer

@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import InvalidConfigError, RegisterAdapterError
 from ..hub import EvalSetting, push_to_hub, render_model_card
-from ..sources import drop_unreadable_images, find_unreadable_images
+from ..sources import drop_unreadable_in_splits, find_unreadable_images
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def check_images_once(
 
     ``main_process_first`` would only order the processes: a dataset built in memory (an image folder) has no cache
     file for ``datasets`` to share, so every process would decode every image again. Instead the main process reads
-    them and sends the unreadable ones to the others, which then keep or refuse exactly the same images.
-    ``data_args`` gives ``image_check``, ``on_bad_image`` and ``preprocessing_num_workers``.
+    them and sends the unreadable ones to the others, which then keep or refuse exactly the same images. Every split
+    is read before any is refused, so one error lists the unreadable images of all of them. ``data_args`` gives ``image_check``, ``on_bad_image`` and ``preprocessing_num_workers``.
     """
     problems: dict[str, dict[int, str]] = {}
     if training_args.process_index == 0:
@@ -162,14 +162,12 @@ def check_images_once(
             )
     if training_args.world_size > 1:
         problems = broadcast_object_list([problems])[0]
-    for name in list(splits):
-        splits[name] = drop_unreadable_images(
-            splits[name], problems[name], on_bad_image=data_args.on_bad_image, split=name
-        )
+    splits.update(drop_unreadable_in_splits(dict(splits), problems, on_bad_image=data_args.on_bad_image))
 
 
-def run_command(run: Callable[[], Any], log_level: int) -> int:
-    """Run a training command with logging set up: 0 when it succeeds, 2 (and one logged error) for bad input.
+def run_command(run: Callable[[], Any], log_level: int, *, prog: str = "register-adapter") -> int:
+    """Run a training command with logging set up: 0 when it succeeds, 2 for bad input, after one
+    ``<prog>: error: <message>`` line on stderr (as argparse reports a bad flag).
 
     A process group left to the interpreter's exit can abort a rank (SIGABRT) while gloo's threads still hold tensors,
     so it is destroyed after a successful run. Not after an error: destroying it while another rank is in a
@@ -186,7 +184,7 @@ def run_command(run: Callable[[], Any], log_level: int) -> int:
     try:
         run()
     except RegisterAdapterError as error:
-        logger.error("%s", error)
+        sys.stderr.write(f"{prog}: error: {' '.join(str(error).split())}\n")
         return 2
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
 from ..errors import InvalidConfigError
-from ..peft_integration import REGISTERS
+from ..peft_integration import PEFT_PREFIX, REGISTERS
 
 INIT_METHODS = ("normal", "zeros", "scaled_randn")
 #: How registers were obtained, and how model cards describe it.
@@ -40,6 +42,13 @@ class RegisterConfig(PeftConfig):
         hidden_size: Width of the registers; filled in when the adapter is created and checked when it is loaded.
         native_register_tokens: Registers the architecture has itself (``Dinov2WithRegisters``, DINOv3), which the
             added ones follow; filled in when the adapter is created and checked when it is loaded.
+        tower_path: Dotted path of the vision tower in the model the adapter's weights were saved from (``""`` when
+            that model is the tower itself, ``"dinov2"`` in ``Dinov2ForImageClassification``); filled in when the
+            adapter is created. Loading moves every weight saved under it to the tower of the model it is loaded into,
+            so an adapter made on one class of a family loads into any other class with the same tower.
+        labels: Class names of the classification head trained and saved with the adapter (``modules_to_save``), in
+            the order of its outputs. Creating or loading the adapter sizes every ``nn.Linear`` in ``modules_to_save``
+            for them and sets the model config's ``id2label``/``label2id``; ``register-adapter train`` fills it in.
         modules_to_save: Modules besides the registers that are trained and saved, e.g. ``["classifier"]``.
         lora_r: Rank of LoRA on the attention projections of the vision tower's blocks, trained and saved in the same
             adapter as the registers; ``0`` (default) for none.
@@ -78,6 +87,16 @@ class RegisterConfig(PeftConfig):
             "help": "Registers the architecture has itself (before ours); filled in when the adapter is created."
         },
     )
+    tower_path: str | None = field(
+        default=None,
+        metadata={"help": "Path of the vision tower in the model the adapter was saved from; filled in when created."},
+    )
+    labels: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Class names of the classification head saved with the adapter, in the order of its outputs."
+        },
+    )
     target_modules: str | list[str] | None = field(
         default=None,
         metadata={"help": "Path of the embeddings module to wrap; found automatically when left empty."},
@@ -113,19 +132,33 @@ class RegisterConfig(PeftConfig):
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
+        if self.labels is not None:
+            self.labels = _class_names(self.labels)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config and check that the adapter weights next to it are present and readable.
 
+        A save into the folder that was killed between its moves is rolled back first (see
+        :func:`register_adapter.saving.atomic_save`), so the previous adapter loads.
+
         Raises:
             AdapterFilesError: ``adapter_model.safetensors`` is missing, is not a readable safetensors file, or holds
                 registers of another shape than the config says (files from two different saves).
         """
-        from ..saving import check_adapter_weights
+        from ..saving import check_adapter_weights, recover_interrupted_saves
 
+        folder = os.path.normpath(os.path.join(pretrained_model_name_or_path, subfolder or ""))
+        if os.path.isdir(folder):
+            # A save killed between its moves is rolled back first. The journal is in the folder saved into, which
+            # holds adapters other than "default" in sub-folders.
+            for where in {folder, os.path.dirname(folder) or "."}:
+                with contextlib.suppress(OSError):  # a read-only copy: the weights check below reports a mix-up
+                    recover_interrupted_saves(where)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, config=config, **kwargs)
+        shapes = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, config=config, **kwargs)
+        # Which modules_to_save the files hold weights for: loading wraps only those (see RegisterModel).
+        config._saved_keys = frozenset(key.removeprefix(PEFT_PREFIX) for key in shapes)
         return config
 
 
@@ -134,3 +167,10 @@ def _whole_number(name: str, value: object, minimum: int, hint: str) -> int:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise InvalidConfigError(f"{name} must be {kind}, got {value!r}. {hint}")
     return int(value)
+
+
+def _class_names(labels: object) -> list[str]:
+    names = list(labels) if isinstance(labels, (list, tuple)) else None
+    if not names or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise InvalidConfigError(f"labels must be a non-empty list of distinct class names (strings), got {labels!r}.")
+    return names

@@ -83,6 +83,9 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         self.num_prefix_tokens = tower.num_prefix_tokens
         self.hidden_size = tower.hidden_size
         self.num_inserted = 0
+        # (registers inserted, sequence length) of every forward pass: which sequences hold the registers where
+        # split_tokens looks for them.
+        self.layouts_seen: set[tuple[int, int]] = set()
         self._disable_adapters = False
         self.merged_adapters = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -144,11 +147,12 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
         tokens, self._strip = self.active_tokens()
+        self.num_inserted = 0 if tokens is None else tokens.shape[1]
+        sequence = output[0] if isinstance(output, tuple) else output  # ViTMAE: (embeddings, mask, ids_restore)
+        self.layouts_seen.add((self.num_inserted, sequence.shape[1] + self.num_inserted))
         if tokens is None:
-            self.num_inserted = 0
             return output
-        self.num_inserted = tokens.shape[1]
-        if isinstance(output, tuple):  # ViTMAE: (embeddings, mask, ids_restore)
+        if isinstance(output, tuple):
             return (insert_tokens(output[0], tokens, self.num_prefix_tokens), *output[1:])
         return insert_tokens(output, tokens, self.num_prefix_tokens)
 

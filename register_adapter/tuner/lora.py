@@ -36,13 +36,19 @@ def lora_pattern(layers_path: str, names: list[str] | tuple[str, ...]) -> str:
 
 def check_lora_targets(tower, names: list[str] | tuple[str, ...]) -> None:
     """Check that every name in ``names`` (the last dotted parts of a module path) names ``nn.Linear`` layers, and
-    only those, in the tower's first block.
+    only those, in the tower's first block (a layer wrapped in LoRA by another adapter counts as its linear layer).
 
     Raises:
         InvalidConfigError: a name matches no layer, or a layer that is not an ``nn.Linear``; the message lists the
             block's linear layers.
     """
-    modules = dict(tower.blocks[0].named_modules())
+    found = dict(tower.blocks[0].named_modules())
+    wrapped = [path for path, module in found.items() if isinstance(module, LoraLayer)]  # by an earlier adapter
+    modules = {
+        path: module.get_base_layer() if path in wrapped else module
+        for path, module in found.items()
+        if not any(path.startswith(f"{outer}.") for outer in wrapped)
+    }
     linear = sorted({path.rsplit(".", 1)[-1] for path, module in modules.items() if isinstance(module, nn.Linear)})
     for name in names:
         matched = [module for path, module in modules.items() if path == name or path.endswith(f".{name}")]

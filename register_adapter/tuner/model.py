@@ -7,16 +7,18 @@ import re
 from typing import Any
 
 import peft
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
 from torch import nn
 from transformers.backbone_utils import BackboneMixin
 
 from ..architectures import find_vision_tower
 from ..errors import AdapterMismatchError, MergeNotSupportedError
-from ..peft_integration import PREFIX
+from ..peft_integration import PREFIX, check_adapter_state
 from .config import RegisterConfig
 from .layer import MERGE_MESSAGE, RegisterLayer
 from .lora import add_lora, check_lora_targets, lora_pattern
+from .placement import check_movable, keep_saved_modules, move_tower_keys, size_heads
 
 
 class RegisterModel(BaseTuner):
@@ -51,12 +53,37 @@ class RegisterModel(BaseTuner):
                     f"({type(self.model).__name__}). Load it into a model of the same family and size."
                 )
             setattr(peft_config, field, value)
+        if peft_config.tower_path is None:
+            peft_config.tower_path = tower.path
+        elif peft_config.tower_path != tower.path:
+            # A loaded adapter keeps the path its weights were saved under until they are loaded (and moved to this
+            # model's tower) by _remap_adapter_state_dict_for_load.
+            check_movable(self.model, tower, peft_config)
+        keep_saved_modules(self.model, peft_config)
         peft_config.target_modules = re.escape(tower.key(tower.spec.embeddings))
         if peft_config.lora_r:
             check_lora_targets(tower, peft_config.lora_target_modules)
             lora = lora_pattern(tower.key(tower.spec.layers), peft_config.lora_target_modules)
             peft_config.target_modules = f"{peft_config.target_modules}|{lora}"
         return peft_config
+
+    def _prepare_model(self, peft_config: RegisterConfig, model: nn.Module) -> None:
+        if peft_config.labels is not None:
+            size_heads(model, peft_config.modules_to_save or [], peft_config.labels)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: RegisterConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Move the saved weights from the tower path they were saved under to this model's tower, then check that
+        they restore the adapter exactly (see :func:`~register_adapter.peft_integration.check_adapter_state`)."""
+        tower = find_vision_tower(model)
+        if config.tower_path is not None and config.tower_path != tower.path:
+            state_dict = move_tower_keys(state_dict, config.tower_path, tower.path)
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        state_dict = check_adapter_state(model, config, adapter_name, state_dict)
+        config.tower_path = tower.path
+        return state_dict
 
     def _create_and_replace(
         self,
