@@ -141,6 +141,19 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
             return 0
         return sum(self.register_tokens[n].shape[1] for n in self.active_adapters if n in self.register_tokens)
 
+    def register_start(self, adapter_name: str) -> int | None:
+        """Sequence index of ``adapter_name``'s first register in the current forward pass (active adapters' tokens
+        follow each other in :meth:`active_tokens` order); ``None`` when that adapter inserts none."""
+        if self.disable_adapters:
+            return None
+        start = self.num_prefix_tokens
+        for name in self.active_adapters:
+            if name == adapter_name and name in self.register_tokens:
+                return start
+            if name in self.register_tokens:
+                start += self.register_tokens[name].shape[1]
+        return None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
         tokens, self._strip = self.active_tokens()
