@@ -41,6 +41,9 @@ _EXPORTS = {
     "add_registers": "tuner",
     "from_dinov2_with_registers": "methods",
     "to_dinov2_with_registers": "methods",
+    "RegisterNeurons": "methods.test_time",
+    "add_test_time_registers": "methods.test_time",
+    "find_register_neurons": "methods.test_time",
     "ArtifactReport": "diagnostics",
     "corloc": "diagnostics",
     "discover_objects": "diagnostics",
@@ -61,15 +64,18 @@ __all__ = [
     "RegisterConfig",
     "RegisterLayer",
     "RegisterModel",
+    "RegisterNeurons",
     "TokenGroups",
     "TokenLayout",
     "UnsupportedModelError",
     "VisionTower",
     "__version__",
     "add_registers",
+    "add_test_time_registers",
     "corloc",
     "discover_objects",
     "find_artifacts",
+    "find_register_neurons",
     "find_vision_tower",
     "from_dinov2_with_registers",
     "register_family",
@@ -109,6 +115,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from .methods import from_dinov2_with_registers, to_dinov2_with_registers
+    from .methods.test_time import RegisterNeurons, add_test_time_registers, find_register_neurons
     from .peft_integration import REGISTERS
     from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout
     from .tuner import RegisterConfig, RegisterLayer, RegisterModel, add_registers

@@ -19,7 +19,12 @@ METHODS = {
     "test-time": "training-free test-time registers ([arXiv 2506.08010](https://arxiv.org/abs/2506.08010))",
 }
 #: How test-time registers take the activation of their register neurons (see :mod:`register_adapter.tuner.neurons`).
-NEURON_MODES = ("neuron_max", "layer_max")
+NEURON_MODE_DESCRIPTIONS = {
+    "neuron_max": "each register takes each of its neurons' maximum over the image's tokens (the paper's Algorithm 2)",
+    "layer_max": "each register takes, for every neuron of a block, the one value of largest magnitude over the "
+    "block's register neurons and the image's tokens (the public code)",
+}
+NEURON_MODES = tuple(NEURON_MODE_DESCRIPTIONS)
 
 
 @dataclass

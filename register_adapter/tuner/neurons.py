@@ -155,7 +155,13 @@ def mlp_width(tower: VisionTower, block: nn.Module) -> int:
     Raises:
         UnsupportedModelError: the family has no MLP output projection, or it is not an ``nn.Linear``.
     """
-    projection = tower.mlp_out_proj(block)
+    try:
+        projection = tower.mlp_out_proj(block)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(
+            f"{error} Test-time registers edit the input of the MLP output projection: declare where it is in the "
+            "family's FamilySpec.mlp_out_proj (register_adapter.register_family)."
+        ) from error
     if isinstance(projection, BaseTunerLayer):
         projection = projection.get_base_layer()
     if not isinstance(projection, nn.Linear):
