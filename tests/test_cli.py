@@ -8,14 +8,14 @@ def test_unknown_command_exits_2_with_usage(capsys):
     assert main(["frobnicate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(
-        "register-adapter: unknown command 'frobnicate'\n\nusage: register-adapter {demo,train,diagnose} ..."
+        "register-adapter: unknown command 'frobnicate'\n\nusage: register-adapter {demo,train,diagnose,find-neurons} ..."
     )
 
 
 def test_console_script_help_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "register_adapter.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert "  demo       add registers to a model, train them a few steps, save and reload" in result.stdout
+    assert "  demo          add registers to a model, train them a few steps, save and reload" in result.stdout
 
 
 def test_help_and_import_load_no_model_code():

@@ -130,14 +130,14 @@ class RegisterNeurons:
 
     def to_dict(self, ranking: int = 100) -> dict[str, Any]:
         """A JSON-ready dict: the neurons with their scores, the best ``ranking`` candidates, the settings and why,
-        and the outlier fraction of every block output before and after the edit."""
+        and the threshold and outlier fraction of every block output before and after the edit (scores and norms
+        rounded to 4 significant digits)."""
 
         def number(value: float | None) -> float | None:
             return None if value is None else float(f"{value:.4g}")
 
         return {
-            "neurons": [[b, u] for b, u in self.neurons],
-            "scores": [number(float(self.scores[b, u])) for b, u in self.neurons],
+            "neurons": [{"block": b, "unit": u, "score": number(float(self.scores[b, u]))} for b, u in self.neurons],
             "score": self.score,
             "settings": {
                 "outlier_layer": self.outlier_layer,
@@ -150,7 +150,7 @@ class RegisterNeurons:
             "reasons": dict(self.reasons),
             "num_images": self.num_images,
             "num_outliers": self.num_outliers,
-            "ranking": [[b, u, number(s)] for b, u, s in self.ranking(ranking)],
+            "ranking": [{"block": b, "unit": u, "score": number(v)} for b, u, v in self.ranking(ranking)],
             "blocks": [
                 {
                     "block": index,
@@ -479,7 +479,7 @@ def _search_top_k(remaining: Any, limit: int, num_images: int) -> tuple[int, np.
             low = middle
         else:
             high = middle
-    left = f"; the best {low} leave {int(tried[low].sum())}" if low else ""
+    left = f"; the best {low} leave {int(tried[low].sum())} (summed over the block outputs)" if low else ""
     reason = (
         f"{high}: the fewest best neurons whose edit leaves no outlier patch token at any block output on the "
         f"{num_images} images{left}"
