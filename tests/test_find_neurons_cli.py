@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from peft import PeftModel
+from PIL import Image
 from transformers import AutoModel
 
 from register_adapter import add_test_time_registers, find_register_neurons

@@ -34,7 +34,8 @@ from ..methods.test_time import SCORES, add_test_time_registers, find_register_n
 from ..pixels import as_pixel_values
 from ..sources import find_image_files
 from ..tuner.config import NEURON_MODES
-from .diagnose import BEFORE_AFTER_IMAGES, _batch_size, _threshold, _whole_number, check_out
+from .diagnose import BEFORE_AFTER_IMAGES, _threshold, _whole_number, check_out
+from .diagnose import _batch_size as _count
 
 REPORT_NAME = "neurons.json"
 PICTURE_NAME = "before_after.png"
@@ -60,7 +61,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         processor=processor,
     )
     shown = paths[:BEFORE_AFTER_IMAGES]
-    options = {"layer": found.outlier_layer + 1, "threshold": found.threshold.value, "sources": [str(p) for p in shown]}
+    options = {
+        "layer": found.outlier_layer + 1,
+        "threshold": found.threshold.value,
+        "sources": [str(p) for p in shown],
+    }
     pixel_values = as_pixel_values(shown, find_vision_tower(model), processor)  # (n, 3, H, W)
     base = find_artifacts(model, pixel_values, **options)
     model = add_test_time_registers(
@@ -100,13 +105,6 @@ def _block(value: str) -> int:
     return block
 
 
-def _count(value: str) -> int:
-    count = _whole_number(value)
-    if count is None or count < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more; got {value!r}.")
-    return count
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="register-adapter find-neurons",
@@ -141,11 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--score", choices=list(SCORES), default="mean", help="mean (paper, default) or mean_abs")
     parser.add_argument("--num_register_tokens", type=_count, default=1, help="test-time registers (default 1)")
-    parser.add_argument("--mode", choices=list(NEURON_MODES), default="neuron_max", help="the edit (default neuron_max)")
+    parser.add_argument(
+        "--mode", choices=list(NEURON_MODES), default="neuron_max", help="the edit (default neuron_max)"
+    )
     parser.add_argument(
         "--keep_cls", action="store_true", help="keep the neurons' activation on CLS (public code; default: zero it)"
     )
-    parser.add_argument("--batch_size", type=_batch_size, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--batch_size", type=_count, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 

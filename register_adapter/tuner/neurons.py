@@ -31,7 +31,7 @@ from torch import nn
 from ..architectures import VisionTower
 from ..errors import AdapterMismatchError, InvalidConfigError, MergeNotSupportedError, UnsupportedModelError
 from .config import RegisterConfig
-from .layer import MERGE_MESSAGE, RegisterLayer
+from .layer import MERGE_MESSAGE, BaseLayerAttributes, RegisterLayer
 
 #: Register neurons listed in an error message, at most.
 _SHOWN = 6
@@ -67,7 +67,7 @@ def move_to_registers(
     return hidden.index_copy(-1, units, moved)  # (B, S, I)
 
 
-class RegisterNeuronLayer(nn.Module, BaseTunerLayer):
+class RegisterNeuronLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
     """Wraps the MLP output projection of one block and moves its register neurons' activation onto the registers
     the active adapters insert (see :func:`move_to_registers`).
 
@@ -101,15 +101,6 @@ class RegisterNeuronLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self.update_layer(adapter_name, units, config)
         self._active_adapter = adapter_name
-
-    def __getattr__(self, name: str) -> Any:
-        # Code that reads the projection (``fc2.in_features``) keeps working on the wrapped one.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def update_layer(self, adapter_name: str, units: list[tuple[int, int]], config: RegisterConfig) -> None:
         """Set ``adapter_name``'s register neurons of this block, as ``(unit, register index)`` pairs."""

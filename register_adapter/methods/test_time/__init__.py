@@ -28,7 +28,8 @@ from ...errors import InvalidConfigError
 from ...tuner.config import RegisterConfig
 from ...tuner.neurons import mlp_width
 from .published import PUBLISHED, PublishedNeurons
-from .search import SCORES, RegisterNeurons, find_register_neurons
+from .result import SCORES, RegisterNeurons
+from .search import find_register_neurons
 
 __all__ = [
     "PUBLISHED",
