@@ -15,8 +15,9 @@
 2. Search. On a DINOv2 ViT-S/14-sized model with planted artifacts (``make_artifact_model``, 224 px, 14 px patches,
    12 blocks) and ``--images`` synthetic scenes, this times a plain forward pass over the images against
    ``find_register_neurons`` with every setting chosen automatically, and with ``outlier_layer``, ``top_layer`` and
-   ``top_k`` given; it prints the seconds per 100 images, the ratio to the plain forward and the forward passes
-   each made (the search streams the images several times, see :mod:`register_adapter.methods.test_time.search`).
+   ``top_k`` given; it prints the seconds per 100 images, the ratio to the plain forward (medians over
+   ``--search-repeats`` repetitions in rotated order) and the forward passes each made (the search streams the
+   images several times, see :mod:`register_adapter.methods.test_time.search`).
 
 The script always exits 0 (it is a report).
 
@@ -56,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--images", type=int, default=100, help="images of the search benchmark (0 to skip it)")
+    parser.add_argument("--search-repeats", type=int, default=3, help="timed repetitions of the search benchmark")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
 
@@ -175,18 +177,25 @@ def time_search(args: argparse.Namespace, device: torch.device) -> None:
     }
     plain()
     print(
-        f"\nsearch: planted DINOv2 ViT-S/14 (12 blocks, register neurons {[(layer - 1, unit) for layer, unit in planted.neurons]}), "
-        f"{args.images} scenes, batch {args.batch_size}, {_environment(device)}"
+        f"\nsearch: planted DINOv2 ViT-S/14 (12 blocks, register neurons "
+        f"{[(layer - 1, unit) for layer, unit in planted.neurons]}), {args.images} scenes, batch {args.batch_size}, "
+        f"{_environment(device)}, median of {args.search_repeats}"
     )
-    seconds = {}
-    for name, fn in runs.items():
-        calls = 0
-        seconds[name] = _timed(fn, device)
-        passes = calls / math.ceil(args.images / args.batch_size)
-        ratio = seconds[name] / seconds["plain forward"]
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    passes: dict[str, float] = {}
+    names = list(runs)
+    batches = math.ceil(args.images / args.batch_size)
+    for rep in range(args.search_repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            calls = 0
+            seconds[name].append(_timed(runs[name], device))
+            passes[name] = calls / batches
+    for name in names:
+        ratio, q1, q3 = _paired(seconds[name], seconds["plain forward"])
         print(
-            f"  {name:<40}{100 * seconds[name] / args.images:>8.2f} s per 100 images   {ratio:5.2f} x plain   "
-            f"{passes:.1f} passes"
+            f"  {name:<40}{100 * statistics.median(seconds[name]) / args.images:>8.2f} s per 100 images   "
+            f"{ratio:5.2f} x plain (IQR {q1:.2f}-{q3:.2f})   {passes[name]:.1f} passes"
         )
     handle.remove()
 
