@@ -249,6 +249,36 @@ def test_disable_adapter_gives_the_base_model_exactly_and_unload_removes_every_h
     assert type(tower.mlp_out_proj(tower.blocks[planted.layer - 1])) is torch.nn.Linear
 
 
+def test_adapters_switch_and_delete_like_any_peft_adapter():
+    planted = planted_model("deit")
+    block = planted.layer - 1
+    first, second = planted_neurons(planted), [(block, 5), (block - 1, 9), *planted_neurons(planted)]
+    model = add_test_time_registers(copy.deepcopy(planted.model), first)
+    config = RegisterConfig(
+        num_register_tokens=2, init="zeros", method="test-time", register_neurons=second, neuron_mode="layer_max"
+    )
+    model.add_adapter("other", config)
+    pixel_values = planted.preprocess(scenes()[:3])
+    alone = {
+        "default": add_test_time_registers(copy.deepcopy(planted.model), first),
+        "other": add_test_time_registers(copy.deepcopy(planted.model), second, 2, mode="layer_max"),
+    }
+    for name in ("other", "default", "other"):
+        model.set_adapter(name)
+        for got, want in zip(
+            tower_outputs(model, pixel_values).hidden_states,
+            tower_outputs(alone[name], pixel_values).hidden_states,
+            strict=True,
+        ):
+            assert torch.equal(got, want)
+    with pytest.warns(
+        UserWarning, match="^Adapter other was active which is now deleted. Setting active adapter to default.$"
+    ):
+        model.delete_adapter("other")
+    layer = find_vision_tower(model).mlp_out_proj(find_vision_tower(model).blocks[block])
+    assert list(layer.register_units) == ["default"] and model.active_adapters == ["default"]
+
+
 def test_the_adapter_pushes_with_its_neurons_and_loads_from_the_config_alone(fake_hub, monkeypatch):
     import huggingface_hub
 
