@@ -42,6 +42,7 @@ from transformers import Dinov2Config, Dinov2Model
 from register_adapter import add_registers, add_test_time_registers, find_register_neurons
 from register_adapter.methods.test_time import PUBLISHED
 from register_adapter.testing import make_artifact_model, make_object_images
+from register_adapter.tuner.neurons import move_to_registers
 
 IMAGE_SIZE = 224
 PATCH_SIZE = 14
@@ -144,6 +145,35 @@ def time_inference(size: str, args: argparse.Namespace, device: torch.device) ->
         f"  c / a = {c_over_a:.3f} (IQR {q1:.3f}-{q3:.3f}), target <= {target:.3f}: {'PASS' if c_over_a <= target else 'FAIL'}"
     )
     print(f"  b / a = {b_over_a:.3f} (the extra token), c / b = {c_over_b:.3f} (the neuron edit)")
+    edit, projection = time_edit(models["a"], neurons, args, device)
+    blocks = len({b for b, _ in neurons})
+    share = 100 * blocks * edit / statistics.median(times["a"])
+    print(
+        f"  the edit alone: {edit:.2f} ms per hooked block ({100 * edit / projection:.1f} % of that block's MLP output "
+        f"projection, {projection:.1f} ms); {blocks} hooked blocks = {share:.2f} % of (a)"
+    )
+
+
+def time_edit(
+    base: Dinov2Model, neurons: list[tuple[int, int]], args: argparse.Namespace, device: torch.device
+) -> tuple[float, float]:
+    """Median milliseconds of the edit of the block with the most register neurons, and of that block's MLP output
+    projection, on one batch of MLP activations (paired repetitions: small ops on a shared machine are noisy)."""
+    block = max({b for b, _ in neurons}, key=lambda b: sum(n == b for n, _ in neurons))
+    projection = base.encoder.layer[block].mlp.fc2
+    tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 2  # CLS, the register, the patches
+    hidden = torch.randn(args.batch_size, tokens, projection.in_features, device=device)  # (B, S, I)
+    units = torch.tensor([u for b, u in neurons if b == block], device=device)
+    positions = torch.ones_like(units)
+    edits, projections = [], []
+    with torch.inference_mode():
+        for rep in range(5 * (args.warmup + args.repeats)):
+            edit = _timed(lambda: move_to_registers(hidden, units, positions, mode="neuron_max", num_kept=0), device)
+            full = _timed(lambda: projection(hidden), device)
+            if rep >= 5 * args.warmup:
+                edits.append(1e3 * edit)
+                projections.append(1e3 * full)
+    return statistics.median(edits), statistics.median(projections)
 
 
 def time_search(args: argparse.Namespace, device: torch.device) -> None:

@@ -55,7 +55,7 @@ def move_to_registers(
     Returns:
         (B, S, I) a new tensor; ``hidden`` is left as it was.
     """
-    selected = hidden[..., units]  # (B, S, K)
+    selected = hidden.index_select(-1, units)  # (B, S, K)
     if mode == "neuron_max":
         peak = selected.amax(dim=1)  # (B, K)
     else:
@@ -64,7 +64,8 @@ def move_to_registers(
     moved = torch.zeros_like(selected)  # (B, S, K)
     moved[:, :num_kept] = selected[:, :num_kept]
     moved[:, positions, torch.arange(len(units), device=hidden.device)] = peak
-    return hidden.index_copy(-1, units, moved)  # (B, S, I)
+    # A copy (not an in-place edit), so that hooks holding the input still see the activation as the MLP made it.
+    return hidden.clone().index_copy_(-1, units, moved)  # (B, S, I)
 
 
 class RegisterNeuronLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
