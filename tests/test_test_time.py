@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from testing_common import ForwardCounter, hidden_patch_norms, planted_model
+from testing_common import UNSUPPORTED, ForwardCounter, hidden_patch_norms, make_inputs, max_diff, planted_model
 
 from register_adapter import (
     AdapterMismatchError,
@@ -25,7 +25,7 @@ from register_adapter.architectures import FAMILIES, find_vision_tower
 from register_adapter.hooks import capture
 from register_adapter.methods.test_time import PUBLISHED
 from register_adapter.testing import make_artifact_model, make_object_images
-from register_adapter.tiny import build_tiny_model
+from register_adapter.tiny import TINY_MODELS, build_tiny_model
 from register_adapter.tuner.neurons import RegisterNeuronLayer
 
 PLANTED_FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
@@ -172,6 +172,26 @@ def test_the_edit_is_algorithm_2_for_each_image(family, mode, keep_cls, num_regi
     in_block = [(unit, index) for index, (b, unit) in enumerate(neurons) if b == block]
     expected = reference_edit(captured[layer], in_block, start, num_registers, mode, prefix if keep_cls else 0)
     assert torch.equal(captured[layer.base_layer], expected)
+
+
+@pytest.mark.parametrize("name", [name for name in TINY_MODELS if name not in UNSUPPORTED])
+def test_every_family_gets_the_edit_on_its_mlp_activation(name):
+    """GELU and SwiGLU MLPs (DINOv3's down_proj, AIMv2's gated ffn), every token layout, full CLIP, ViTMAE's masking:
+    the hooked projection receives Algorithm 2's edit, and disable_adapter() gives the base outputs exactly."""
+    model = build_tiny_model(name).requires_grad_(False)  # frozen, as PEFT freezes it (MultiheadAttention's fast path)
+    inputs = make_inputs(name)
+    with torch.no_grad():
+        expected = model(**inputs)
+    model = add_test_time_registers(model, [(1, 3), (0, 5), (1, 7)], 2)
+    assert not model.training  # the mode it was given, unlike get_peft_model
+    tower = find_vision_tower(model)
+    layer = tower.mlp_out_proj(tower.blocks[1])
+    with torch.no_grad(), capture(inputs=[layer, layer.base_layer]) as captured:
+        model(**inputs)
+    edited = reference_edit(captured[layer], [(3, 0), (7, 2)], tower.num_prefix_tokens, 2, "neuron_max", 0)
+    assert torch.equal(captured[layer.base_layer], edited)
+    with torch.no_grad(), model.disable_adapter():
+        assert max_diff(model(**inputs), expected) == 0.0
 
 
 @pytest.mark.parametrize(

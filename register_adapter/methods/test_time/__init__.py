@@ -73,7 +73,7 @@ def add_test_time_registers(
     0 (see :class:`~register_adapter.RegisterConfig` for ``mode`` and ``keep_cls``). The result is a register
     adapter like a trained one: ``save_pretrained`` / ``push_to_hub`` write the neurons into its config and card,
     ``PeftModel.from_pretrained`` restores it, ``disable_adapter()`` gives the base model exactly and ``unload()``
-    removes every hook.
+    removes every hook. The model keeps its training mode (``eval()`` for inference).
 
     Args:
         model: A supported model (every built-in family has an MLP output projection).
@@ -114,4 +114,6 @@ def add_test_time_registers(
         "inference_mode": True,
     }
     config = RegisterConfig(**{**settings, **config_kwargs})
-    return peft.get_peft_model(model, config, adapter_name=adapter_name)
+    training = model.training
+    # PEFT switches the model to training mode; a training-free adapter keeps the mode it was given.
+    return peft.get_peft_model(model, config, adapter_name=adapter_name).train(training)
