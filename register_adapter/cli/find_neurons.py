@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -28,13 +27,13 @@ import torch
 from ..architectures import find_vision_tower
 from ..diagnostics.artifacts import find_artifacts
 from ..diagnostics.viz import before_after, display_image, save_png
-from ..errors import InvalidConfigError, RegisterAdapterError
+from ..errors import InvalidConfigError
 from ..loading import first_line, load_model
 from ..methods.test_time import SCORES, add_test_time_registers, find_register_neurons
 from ..pixels import as_pixel_values
 from ..sources import find_image_files
 from ..tuner.config import NEURON_MODES
-from .diagnose import BEFORE_AFTER_IMAGES, _threshold, _whole_number, check_out
+from .diagnose import BEFORE_AFTER_IMAGES, _threshold, _whole_number, check_out, run_command
 from .diagnose import _batch_size as _count
 
 REPORT_NAME = "neurons.json"
@@ -152,11 +151,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """``register-adapter find-neurons``: returns an exit status (2 for bad input)."""
-    args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stderr)])
-    try:
-        run(args)
-    except RegisterAdapterError as error:
-        sys.stderr.write(f"register-adapter find-neurons: error: {error}\n")
-        return 2
-    return 0
+    return run_command("find-neurons", run, parse_args(argv))
