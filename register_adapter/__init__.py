@@ -42,6 +42,9 @@ _EXPORTS = {
     "add_registers": "tuner",
     "from_dinov2_with_registers": "methods",
     "to_dinov2_with_registers": "methods",
+    "RegisterNeurons": "methods.test_time",
+    "add_test_time_registers": "methods.test_time",
+    "find_register_neurons": "methods.test_time",
     "ArtifactReport": "diagnostics",
     "corloc": "metrics",
     "discover_objects": "diagnostics",
@@ -63,15 +66,18 @@ __all__ = [
     "RegisterConfig",
     "RegisterLayer",
     "RegisterModel",
+    "RegisterNeurons",
     "TokenGroups",
     "TokenLayout",
     "UnsupportedModelError",
     "VisionTower",
     "__version__",
     "add_registers",
+    "add_test_time_registers",
     "corloc",
     "discover_objects",
     "find_artifacts",
+    "find_register_neurons",
     "find_vision_tower",
     "from_dinov2_with_registers",
     "register_family",
@@ -112,6 +118,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from .methods import from_dinov2_with_registers, to_dinov2_with_registers
+    from .methods.test_time import RegisterNeurons, add_test_time_registers, find_register_neurons
     from .metrics import corloc
     from .peft_integration import REGISTERS
     from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout

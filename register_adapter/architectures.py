@@ -287,11 +287,17 @@ class VisionTower:
 
     def mlp_out_proj(self, block: nn.Module) -> nn.Module:
         """The MLP output projection of ``block``; its input is the MLP hidden activation."""
+        return block.get_submodule(self.mlp_out_proj_path(block))
+
+    def mlp_out_proj_path(self, block: nn.Module) -> str:
+        """Dotted path, inside ``block``, of its MLP output projection (the first of ``FamilySpec.mlp_out_proj`` that
+        ``block`` has)."""
         for path in self.spec.mlp_out_proj:
             try:
-                return block.get_submodule(path)
+                block.get_submodule(path)
             except AttributeError:
                 continue
+            return path
         raise UnsupportedModelError(
             f"No MLP output projection found in {type(block).__name__} at any of {list(self.spec.mlp_out_proj)}."
         )

@@ -20,7 +20,7 @@ from peft import PeftModel
 
 from .errors import InvalidConfigError
 from .peft_integration import peft_method
-from .tuner.config import METHODS, RegisterConfig
+from .tuner.config import METHODS, NEURON_MODE_DESCRIPTIONS, RegisterConfig
 
 CARD_TEMPLATE = "adapter_card.md"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -159,7 +159,26 @@ def render_model_card(
             repo_id=repo_id or "path/to/this/adapter",
             metrics=_format_values(metrics),
             training=_format_values(training),
+            **_test_time_fields(config),
         )
+
+
+def _test_time_fields(config: RegisterConfig) -> dict[str, Any]:
+    """What the card's test-time register section shows: the register neurons by block, how they were found, and
+    the edit."""
+    if not config.register_neurons:
+        return {"neurons": {}}
+    by_block: dict[int, list[str]] = {}
+    for block, unit in config.register_neurons:
+        by_block.setdefault(block, []).append(str(unit))
+    edit = NEURON_MODE_DESCRIPTIONS[config.neuron_mode]
+    cls = "keeps its activation" if config.keep_cls else "gets 0 (as every token but the registers)"
+    return {
+        "neurons": {block: ", ".join(units) for block, units in by_block.items()},
+        "num_neurons": len(config.register_neurons),
+        "neuron_source": config.neuron_source or "given as a list of (block, unit) pairs",
+        "neuron_edit": f"{edit}; CLS {cls}",
+    }
 
 
 def _is_hub_id(name: str) -> bool:

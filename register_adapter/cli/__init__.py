@@ -3,6 +3,7 @@
     register-adapter demo [--model NAME_OR_PATH] [--steps N] [--out DIR]
     register-adapter train --model M --train_dir DIR --output_dir OUT [RegisterConfig and TrainingArguments flags]
     register-adapter diagnose --model M [--adapter A] IMAGE_OR_DIR... --out DIR
+    register-adapter find-neurons --model M IMAGE_OR_DIR... --out DIR [--push_to_hub ID] [search settings]
 
 Each subcommand lives in its own module; this file only dispatches.
 """
@@ -18,12 +19,17 @@ COMMANDS = {
     "demo": ("register_adapter.cli.demo", "add registers to a model, train them a few steps, save and reload"),
     "train": ("register_adapter.cli.train", "train registers (and a head, optionally LoRA) with the HF Trainer"),
     "diagnose": ("register_adapter.cli.diagnose", "find artifact tokens and draw them"),
+    "find-neurons": (
+        "register_adapter.cli.find_neurons",
+        "find register neurons on images and save the training-free test-time register adapter",
+    ),
 }
 
 
 def _usage() -> str:
     lines = ["usage: register-adapter {" + ",".join(COMMANDS) + "} ...", "", "commands:"]
-    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -22,7 +22,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -223,13 +225,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``register-adapter diagnose``: returns an exit status (2 for bad input)."""
-    args = parse_args(argv)
+def run_command(command: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run ``register-adapter <command>`` with logging to stderr; bad input (a ``RegisterAdapterError``) ends it
+    with one ``error:`` line on stderr and exit status 2."""
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stderr)])
     try:
         run(args)
     except RegisterAdapterError as error:
-        sys.stderr.write(f"register-adapter diagnose: error: {error}\n")
+        sys.stderr.write(f"register-adapter {command}: error: {error}\n")
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``register-adapter diagnose``: returns an exit status (2 for bad input)."""
+    return run_command("diagnose", run, parse_args(argv))

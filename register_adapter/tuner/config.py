@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -19,6 +20,13 @@ METHODS = {
     "distilled": "post-hoc self-distilled registers, PH-Reg ([arXiv 2505.21501](https://arxiv.org/abs/2505.21501))",
     "test-time": "training-free test-time registers ([arXiv 2506.08010](https://arxiv.org/abs/2506.08010))",
 }
+#: How test-time registers take the activation of their register neurons (see :mod:`register_adapter.tuner.neurons`).
+NEURON_MODE_DESCRIPTIONS = {
+    "neuron_max": "each register takes each of its neurons' maximum over the image's tokens (the paper's Algorithm 2)",
+    "layer_max": "each register takes, for every neuron of a block, the one value of largest magnitude over the "
+    "block's register neurons and the image's tokens (the public code)",
+}
+NEURON_MODES = tuple(NEURON_MODE_DESCRIPTIONS)
 
 
 @dataclass
@@ -56,6 +64,17 @@ class RegisterConfig(PeftConfig):
         lora_dropout: Dropout on the input of the LoRA branch.
         lora_target_modules: Names of the ``nn.Linear`` layers inside each block that get LoRA (default
             ``["q_proj", "v_proj"]``). Never applied outside the vision tower (e.g. CLIP's text tower).
+        register_neurons: Test-time registers (Jiang et al., https://arxiv.org/abs/2506.08010): the MLP hidden units,
+            as ``(block, unit)`` pairs (``block`` indexes the vision tower's blocks from 0, ``unit`` the input of the
+            block's MLP output projection), whose activation is moved onto the registers in every forward pass.
+            Best first: with several registers, neuron ``i`` goes to register ``i % num_register_tokens``. Needs
+            ``method="test-time"``; see :func:`register_adapter.add_test_time_registers`.
+        neuron_mode: ``"neuron_max"`` (default, the paper's Algorithm 2): each register neuron's activation on the
+            register is its maximum over the image's tokens. ``"layer_max"`` (the paper's public code): every register
+            neuron of a block gets the one value of largest magnitude over the block's register neurons and tokens.
+        keep_cls: Keep the register neurons' activation on CLS (and DeiT's distillation token), as the public code
+            does; by default (``False``, the paper) every token but the registers gets 0.
+        neuron_source: How the register neurons were found, in words; shown in the model card.
 
     Example:
 
@@ -114,6 +133,24 @@ class RegisterConfig(PeftConfig):
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "Names of the linear layers in each block that get LoRA."},
     )
+    register_neurons: list[tuple[int, int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Test-time register neurons as (block, unit) pairs, best first; their activation is moved onto "
+            "the registers."
+        },
+    )
+    neuron_mode: str = field(
+        default="neuron_max",
+        metadata={"help": f"How registers take the register neurons' activation, one of {', '.join(NEURON_MODES)}."},
+    )
+    keep_cls: bool = field(
+        default=False,
+        metadata={"help": "Keep the register neurons' activation on CLS (public code) instead of zeroing it (paper)."},
+    )
+    neuron_source: str | None = field(
+        default=None, metadata={"help": "How the register neurons were found, in words; shown in the model card."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -134,6 +171,27 @@ class RegisterConfig(PeftConfig):
             self.lora_target_modules = [self.lora_target_modules]
         if self.labels is not None:
             self.labels = _class_names(self.labels)
+        self._check_test_time()
+
+    def _check_test_time(self) -> None:
+        """Validate the test-time register fields; neuron lists read from JSON become lists of tuples."""
+        if self.neuron_mode not in NEURON_MODES:
+            raise InvalidConfigError(
+                f"neuron_mode must be one of {', '.join(NEURON_MODES)}, got {self.neuron_mode!r}."
+            )
+        if not isinstance(self.keep_cls, bool):
+            raise InvalidConfigError(f"keep_cls must be True or False, got {self.keep_cls!r}.")
+        if self.register_neurons is None:
+            return
+        self.register_neurons = [_neuron(pair) for pair in _neuron_list(self.register_neurons)]
+        repeated = sorted(pair for pair, count in Counter(self.register_neurons).items() if count > 1)
+        if repeated:
+            raise InvalidConfigError(f"register_neurons lists {', '.join(map(str, repeated))} more than once.")
+        if self.method != "test-time":
+            raise InvalidConfigError(
+                f"register_neurons belong to test-time registers: set method='test-time' (got {self.method!r}), or "
+                "use register_adapter.add_test_time_registers, which does."
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
@@ -160,6 +218,30 @@ class RegisterConfig(PeftConfig):
         # Which modules_to_save the files hold weights for: loading wraps only those (see RegisterModel).
         config._saved_keys = frozenset(key.removeprefix(PEFT_PREFIX) for key in shapes)
         return config
+
+
+def _neuron_list(value: object) -> list[object]:
+    items = None if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") else list(value)
+    if not items:
+        raise InvalidConfigError(
+            f"register_neurons must be a non-empty list of (block, unit) pairs, or None for no test-time registers; "
+            f"got {value!r}."
+        )
+    return items
+
+
+def _neuron(pair: object) -> tuple[int, int]:
+    items = list(pair) if isinstance(pair, (list, tuple)) else None
+    if (
+        items is None
+        or len(items) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in items)
+    ):
+        raise InvalidConfigError(
+            f"Each register neuron must be a (block, unit) pair of whole numbers >= 0 (0-based block of the vision "
+            f"tower, hidden unit of its MLP); got {pair!r}."
+        )
+    return int(items[0]), int(items[1])
 
 
 def _whole_number(name: str, value: object, minimum: int, hint: str) -> int:

@@ -41,7 +41,20 @@ def _strip_output(output: Any, position: int, count: int) -> Any:
     return output
 
 
-class RegisterLayer(nn.Module, BaseTunerLayer):
+class BaseLayerAttributes:
+    """Attributes a tuner layer lacks are read from its ``base_layer``: model code reads through the modules it wraps
+    (``self.embeddings.patch_embeddings.projection.weight.dtype``, ``mlp.fc2.in_features``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class RegisterLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
     """Wraps the ``embeddings`` module of a vision tower and inserts the active adapter's register tokens.
 
     The layout of the sequence becomes ``[prefix (CLS, distillation, native registers), REG_1..REG_R, PATCH...]``.
@@ -93,15 +106,6 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name
 
-    def __getattr__(self, name: str) -> Any:
-        # Model code reads through the embeddings (``self.embeddings.patch_embeddings.projection.weight.dtype``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
     def update_layer(self, adapter_name: str, config: RegisterConfig, **kwargs: Any) -> None:
         reference = _floating_param(self.base_layer)
         shape = (1, config.num_register_tokens, self.hidden_size)
@@ -143,6 +147,19 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             return 0
         return sum(self.register_tokens[n].shape[1] for n in self.active_adapters if n in self.register_tokens)
+
+    def register_start(self, adapter_name: str) -> int | None:
+        """Sequence index of ``adapter_name``'s first register in the current forward pass (active adapters' tokens
+        follow each other in :meth:`active_tokens` order); ``None`` when that adapter inserts none."""
+        if self.disable_adapters:
+            return None
+        start = self.num_prefix_tokens
+        for name in self.active_adapters:
+            if name == adapter_name and name in self.register_tokens:
+                return start
+            if name in self.register_tokens:
+                start += self.register_tokens[name].shape[1]
+        return None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""The tuner: finds the vision tower and wraps its embeddings (and, with LoRA, its attention projections)."""
+"""The tuner: finds the vision tower and wraps its embeddings (with LoRA, its attention projections; with test-time
+registers, the MLP output projections that register neurons feed)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..peft_integration import PREFIX, check_adapter_state
 from .config import RegisterConfig
 from .layer import MERGE_MESSAGE, RegisterLayer
 from .lora import add_lora, check_lora_targets, lora_pattern
+from .neurons import add_neuron_layer, check_lora_overlap, neuron_targets
 from .placement import check_movable, keep_saved_modules, move_tower_keys, size_heads
 
 
@@ -61,10 +63,14 @@ class RegisterModel(BaseTuner):
             check_movable(self.model, tower, peft_config)
         keep_saved_modules(self.model, peft_config)
         peft_config.target_modules = re.escape(tower.key(tower.spec.embeddings))
+        neurons = neuron_targets(tower, peft_config)  # AdapterMismatchError for neurons the model lacks
         if peft_config.lora_r:
             check_lora_targets(tower, peft_config.lora_target_modules)
             lora = lora_pattern(tower.key(tower.spec.layers), peft_config.lora_target_modules)
+            check_lora_overlap(neurons, lora)
             peft_config.target_modules = f"{peft_config.target_modules}|{lora}"
+        if neurons:
+            peft_config.target_modules = "|".join([peft_config.target_modules, *map(re.escape, neurons)])
         return peft_config
 
     def _prepare_model(self, peft_config: RegisterConfig, model: nn.Module) -> None:
@@ -96,6 +102,12 @@ class RegisterModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         tower = find_vision_tower(self.model)
+        neurons = neuron_targets(tower, peft_config)
+        if current_key in neurons:
+            new_layer = add_neuron_layer(target, adapter_name, neurons[current_key], peft_config, tower)
+            if new_layer is not None:
+                self._replace_module(parent, target_name, new_layer, target)
+            return
         if current_key != tower.key(tower.spec.embeddings):
             new_lora = add_lora(target, adapter_name, peft_config, current_key)
             if new_lora is not None:

@@ -1,0 +1,521 @@
+"""Test-time registers (arXiv 2506.08010): register neurons found on the planted models, the edit checked against a
+per-image reference, artifacts gone with features kept, batch invariance, and the adapter's PEFT life cycle."""
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from testing_common import UNSUPPORTED, ForwardCounter, hidden_patch_norms, make_inputs, max_diff, planted_model
+
+from register_adapter import (
+    AdapterMismatchError,
+    DataError,
+    InvalidConfigError,
+    RegisterConfig,
+    UnsupportedModelError,
+    add_registers,
+    add_test_time_registers,
+    find_artifacts,
+    find_register_neurons,
+)
+from register_adapter.architectures import FAMILIES, find_vision_tower
+from register_adapter.hooks import capture
+from register_adapter.methods.test_time import PUBLISHED
+from register_adapter.testing import make_artifact_model, make_object_images
+from register_adapter.tiny import TINY_MODELS, build_tiny_model
+from register_adapter.tuner.neurons import RegisterNeuronLayer
+
+PLANTED_FAMILIES = ["vit", "deit", "dinov2", "dinov2-with-registers", "clip-vision", "clip", "siglip", "ijepa"]
+
+
+@functools.cache
+def scenes(count: int = 16, seed: int = 5) -> np.ndarray:
+    return make_object_images(count, 32, seed=seed).images
+
+
+@functools.cache
+def found(family: str):
+    """``find_register_neurons`` with every setting chosen automatically, on 16 scenes."""
+    planted = planted_model(family)
+    return find_register_neurons(planted.model, planted.preprocess(scenes()), progress=False)
+
+
+def planted_neurons(planted) -> list[tuple[int, int]]:
+    """The planted neurons as (block, unit): ``ArtifactModel.neurons`` counts layers from 1."""
+    return [(layer - 1, unit) for layer, unit in planted.neurons]
+
+
+def adapted(family: str, **kwargs):
+    """A copy of the planted model with test-time registers on its planted neurons."""
+    planted = planted_model(family)
+    return add_test_time_registers(copy.deepcopy(planted.model), planted_neurons(planted), **kwargs)
+
+
+def tower_outputs(model, pixel_values):
+    with torch.no_grad():
+        return find_vision_tower(model).module(pixel_values=pixel_values, output_hidden_states=True)
+
+
+# -- Algorithm 1 ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", PLANTED_FAMILIES)
+def test_the_planted_neurons_rank_first_and_the_chosen_settings_say_why(family):
+    planted = planted_model(family)
+    result = found(family)
+    assert sorted(result) == sorted(planted_neurons(planted))
+    assert result.top_layer == planted.layer - 1 and result.outlier_layer == 5 and result.top_k == 2
+    assert result.reasons["top_layer"] == (
+        f"block {planted.layer - 1}: the first block whose output has outlier patch tokens; the neurons that write "
+        "them sit in it or before it"
+    )
+    assert result.reasons["top_k"].startswith(
+        "2: the fewest best neurons whose edit leaves no outlier patch token at any block output on the 16 images; "
+        "the best 1 leave "
+    )
+    assert result.outlier_fraction_after == [0.0] * 6
+    assert result.outlier_fraction_before[planted.layer - 1 :] == [result.outlier_fraction_before[-1]] * 4
+    assert result.outlier_fraction_before[-1] > 0.01
+
+
+@pytest.mark.parametrize("score", ["mean", "mean_abs"])
+def test_scores_are_the_mean_activation_at_the_outliers_of_the_models_own_hidden_states(score):
+    """The oracle shares no code with the search: outliers from ``output_hidden_states``, activations from one
+    unbatched hook, the mean taken over all outlier positions."""
+    planted = planted_model("vit")
+    pixel_values = planted.preprocess(scenes())
+    result = find_register_neurons(planted.model, pixel_values, score=score, top_k=2, batch_size=3, progress=False)
+    norms = hidden_patch_norms(planted.model, pixel_values, planted.grid[0] * planted.grid[1])  # (L, B, N)
+    outliers = norms[result.outlier_layer] > result.threshold.value  # (B, N)
+    tower = find_vision_tower(planted.model)
+    projections = [tower.mlp_out_proj(block) for block in tower.blocks[: result.top_layer + 1]]
+    with torch.no_grad(), capture(inputs=projections) as captured:
+        tower.module(pixel_values=pixel_values)
+    expected = torch.stack([captured[p][:, 1:][outliers] for p in projections])  # (top_layer + 1, T, I)
+    expected = (expected.abs() if score == "mean_abs" else expected).mean(1)
+    assert result.num_outliers == int(outliers.sum())
+    torch.testing.assert_close(result.scores, expected, rtol=1e-5, atol=1e-6)
+    assert result.ranking(2) == [(b, u, pytest.approx(float(expected[b, u]), rel=1e-6)) for b, u in result]
+
+
+def test_top_k_is_the_fewest_neurons_that_leave_no_outliers():
+    planted = make_artifact_model("dinov2", num_neurons=3)
+    pixel_values = planted.preprocess(scenes())
+    result = find_register_neurons(planted.model, pixel_values, progress=False)
+    assert sorted(result) == sorted(planted_neurons(planted))
+    fewer = find_register_neurons(planted.model, pixel_values, top_k=2, progress=False)
+    assert fewer.reasons["top_k"] == "2: given" and max(fewer.outlier_fraction_after) > 0
+    assert result.outlier_fraction_after == [0.0] * 6
+
+
+def test_images_are_read_from_files_folders_datasets_and_tensors_alike(tmp_path):
+    import datasets
+    from PIL import Image
+
+    planted = planted_model("dinov2")
+    images = scenes()[:6]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    files = sorted(tmp_path.glob("*.png"))
+    dataset = datasets.Dataset.from_dict({"image": [Image.fromarray(image) for image in images]})
+    options = {"top_k": 2, "batch_size": 4, "processor": planted.processor, "progress": False}
+    reference = find_register_neurons(planted.model, planted.preprocess(images), **options)
+    for source in (files, tmp_path, dataset, iter(list(images))):
+        result = find_register_neurons(planted.model, source, **options)
+        assert result.neurons == reference.neurons and result.num_outliers == reference.num_outliers
+        torch.testing.assert_close(result.scores, reference.scores)
+
+
+# -- Algorithm 2: the edit ----------------------------------------------------------------------------------------------
+
+
+def reference_edit(hidden, neurons, start, num_registers, mode, kept):
+    """Algorithm 2 image by image and neuron by neuron: (B, S, I) edited."""
+    edited = hidden.clone()
+    for b in range(hidden.shape[0]):
+        units = [unit for unit, _ in neurons]
+        if mode == "layer_max":
+            values = hidden[b][:, units]
+            peak_all = values.flatten()[values.abs().argmax()]
+        for unit, index in neurons:
+            peak = hidden[b, :, unit].max() if mode == "neuron_max" else peak_all
+            edited[b, kept:, unit] = 0.0
+            edited[b, start + index % num_registers, unit] = peak
+    return edited
+
+
+@pytest.mark.parametrize(
+    ("family", "mode", "keep_cls", "num_registers"),
+    [
+        ("dinov2", "neuron_max", False, 1),
+        ("deit", "neuron_max", True, 2),
+        ("dinov2-with-registers", "layer_max", False, 2),
+        ("siglip", "layer_max", True, 3),
+    ],
+)
+def test_the_edit_is_algorithm_2_for_each_image(family, mode, keep_cls, num_registers):
+    planted = planted_model(family)
+    block = planted.layer - 1
+    neurons = [(block, 7), *planted_neurons(planted), (block, 30), (block - 1, 3)]
+    model = add_test_time_registers(copy.deepcopy(planted.model), neurons, num_registers, mode=mode, keep_cls=keep_cls)
+    tower = find_vision_tower(model)
+    layer = tower.mlp_out_proj(tower.blocks[block])
+    assert isinstance(layer, RegisterNeuronLayer)
+    pixel_values = planted.preprocess(scenes()[:3])
+    with torch.no_grad(), capture(inputs=[layer, layer.base_layer]) as captured:
+        model(pixel_values=pixel_values)
+    prefix = {"deit": 2, "siglip": 0}.get(family, 1)
+    start = tower.num_prefix_tokens  # after CLS, distillation token and native registers
+    in_block = [(unit, index) for index, (b, unit) in enumerate(neurons) if b == block]
+    expected = reference_edit(captured[layer], in_block, start, num_registers, mode, prefix if keep_cls else 0)
+    assert torch.equal(captured[layer.base_layer], expected)
+
+
+@pytest.mark.parametrize("name", [name for name in TINY_MODELS if name not in UNSUPPORTED])
+def test_every_family_gets_the_edit_on_its_mlp_activation(name):
+    """GELU and SwiGLU MLPs (DINOv3's down_proj, AIMv2's gated ffn), every token layout, full CLIP, ViTMAE's masking:
+    the hooked projection receives Algorithm 2's edit, and disable_adapter() gives the base outputs exactly."""
+    model = build_tiny_model(name).requires_grad_(False)  # frozen, as PEFT freezes it (MultiheadAttention's fast path)
+    inputs = make_inputs(name)
+    with torch.no_grad():
+        expected = model(**inputs)
+    model = add_test_time_registers(model, [(1, 3), (0, 5), (1, 7)], 2)
+    assert not model.training  # the mode it was given, unlike get_peft_model
+    tower = find_vision_tower(model)
+    layer = tower.mlp_out_proj(tower.blocks[1])
+    with torch.no_grad(), capture(inputs=[layer, layer.base_layer]) as captured:
+        model(**inputs)
+    edited = reference_edit(captured[layer], [(3, 0), (7, 2)], tower.num_prefix_tokens, 2, "neuron_max", 0)
+    assert torch.equal(captured[layer.base_layer], edited)
+    with torch.no_grad(), model.disable_adapter():
+        assert max_diff(model(**inputs), expected) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("family", "mode"), [("dinov2", "neuron_max"), ("clip", "layer_max"), ("ijepa", "neuron_max")]
+)
+def test_a_batch_gives_the_outputs_of_its_images_one_by_one(family, mode):
+    """Exact in float64. In float32 the artifact tokens (values about 100) round differently in a batch than alone,
+    by up to 1.5e-4 in the planted models without any adapter, so the bound there is 1e-5 of the largest value."""
+    model = adapted(family, mode=mode, num_register_tokens=2)
+    pixel_values = planted_model(family).preprocess(scenes()[:4])
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        model, pixel_values = model.to(dtype), pixel_values.to(dtype)
+        batch = tower_outputs(model, pixel_values)
+        for i in range(len(pixel_values)):
+            alone = tower_outputs(model, pixel_values[i : i + 1])
+            pairs = [*zip(batch.hidden_states, alone.hidden_states, strict=True)]
+            pairs.append((batch.last_hidden_state, alone.last_hidden_state))
+            for together, single in pairs:
+                scale = 1.0 if dtype == torch.float64 else float(single.abs().max())
+                assert (together[i] - single[0]).abs().max() <= tolerance * scale
+
+
+# -- the proof on the planted models -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", PLANTED_FAMILIES)
+def test_artifacts_move_to_the_register_and_features_stay(family):
+    planted = planted_model(family)
+    result = found(family)
+    pixel_values = planted.preprocess(scenes(8, seed=11))  # other images than the neurons were found on
+    model = add_test_time_registers(copy.deepcopy(planted.model), result)
+    report = find_artifacts(model, pixel_values)
+    native = find_vision_tower(model).num_native_registers
+    assert report.num_registers == native + 1
+    assert [layer.outlier_fraction for layer in report.layers] == [0.0] * 6
+    strict = find_artifacts(model, pixel_values, threshold=result.threshold.value)  # the base model's threshold
+    assert [layer.outlier_fraction for layer in strict.layers] == [0.0] * 6
+    assert find_artifacts(planted.model, pixel_values, threshold=result.threshold.value).outlier_fraction > 0.01
+    # The extra token carries the high norm from the planted block on.
+    register_norms = [layer.register_norms[native] for layer in report.layers]
+    block = planted.layer - 1
+    assert max(register_norms[:block]) < result.threshold.value < min(register_norms[block:])
+
+    base, ours, oracle = (tower_outputs(m, pixel_values) for m in (planted.model, model, planted.oracle))
+    cosine = torch.nn.functional.cosine_similarity
+    if find_vision_tower(model).spec.has_cls:
+        assert cosine(ours.last_hidden_state[:, 0], base.last_hidden_state[:, 0], dim=-1).min() >= 0.99
+    num_patches = planted.grid[0] * planted.grid[1]
+    clean = ~planted.artifact_mask(pixel_values).flatten(1)  # (B, N): where the base model has no artifact
+    patches, truth = ours.last_hidden_state[:, -num_patches:], oracle.last_hidden_state[:, -num_patches:]
+    assert cosine(patches[clean], truth[clean], dim=-1).min() >= 0.99
+    assert (~clean).sum() > 0
+
+
+def test_disable_adapter_gives_the_base_model_exactly_and_unload_removes_every_hook():
+    planted = planted_model("dinov2-with-registers")
+    base = copy.deepcopy(planted.model)
+    pixel_values = planted.preprocess(scenes()[:3])
+    expected = tower_outputs(base, pixel_values)
+    module_types = [type(m) for m in base.modules()]
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in base.modules()]
+    model = add_test_time_registers(base, planted_neurons(planted), 2, keep_cls=True)
+    assert not torch.equal(tower_outputs(model, pixel_values).hidden_states[-1], expected.hidden_states[-1])
+    with model.disable_adapter():
+        disabled = tower_outputs(model, pixel_values)
+    restored = model.unload()
+    unloaded = tower_outputs(restored, pixel_values)
+    tower = find_vision_tower(restored)
+    for outputs in (disabled, unloaded):
+        for got, want in zip(outputs.hidden_states, expected.hidden_states, strict=True):
+            assert torch.equal(got, want)
+    assert [type(m) for m in restored.modules()] == module_types
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in restored.modules()] == hooks
+    assert not hasattr(restored, "peft_config")
+    assert type(tower.mlp_out_proj(tower.blocks[planted.layer - 1])) is torch.nn.Linear
+
+
+def test_adapters_switch_and_delete_like_any_peft_adapter():
+    planted = planted_model("deit")
+    block = planted.layer - 1
+    first, second = planted_neurons(planted), [(block, 5), (block - 1, 9), *planted_neurons(planted)]
+    model = add_test_time_registers(copy.deepcopy(planted.model), first)
+    config = RegisterConfig(
+        num_register_tokens=2, init="zeros", method="test-time", register_neurons=second, neuron_mode="layer_max"
+    )
+    model.add_adapter("other", config)
+    pixel_values = planted.preprocess(scenes()[:3])
+    alone = {
+        "default": add_test_time_registers(copy.deepcopy(planted.model), first),
+        "other": add_test_time_registers(copy.deepcopy(planted.model), second, 2, mode="layer_max"),
+    }
+    for name in ("other", "default", "other"):
+        model.set_adapter(name)
+        for got, want in zip(
+            tower_outputs(model, pixel_values).hidden_states,
+            tower_outputs(alone[name], pixel_values).hidden_states,
+            strict=True,
+        ):
+            assert torch.equal(got, want)
+    with pytest.warns(
+        UserWarning, match="^Adapter other was active which is now deleted. Setting active adapter to default.$"
+    ):
+        model.delete_adapter("other")
+    layer = find_vision_tower(model).mlp_out_proj(find_vision_tower(model).blocks[block])
+    assert list(layer.register_units) == ["default"] and model.active_adapters == ["default"]
+
+
+def test_the_adapter_pushes_with_its_neurons_and_loads_from_the_config_alone(fake_hub, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake_hub.cache))
+    planted = planted_model("vit")
+    result = found("vit")
+    model = add_test_time_registers(copy.deepcopy(planted.model), result, 2, mode="layer_max")
+    model.push_to_hub("org/vit-test-time")
+    assert fake_hub.commits == [
+        ("org/vit-test-time", ["README.md", "adapter_config.json", "adapter_model.safetensors"])
+    ]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(planted.model), "org/vit-test-time")
+    config = loaded.peft_config["default"]
+    assert config.register_neurons == result.neurons and config.neuron_mode == "layer_max"
+    assert config.num_register_tokens == 2 and config.method == "test-time"
+    pixel_values = planted.preprocess(scenes()[:4])
+    for got, want in zip(
+        tower_outputs(loaded, pixel_values).hidden_states,
+        tower_outputs(model, pixel_values).hidden_states,
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+    card = (fake_hub.snapshot("org/vit-test-time") / "README.md").read_text()
+    (block, first), (_, second) = result.neurons
+    assert f"| {block} | {first}, {second} |" in card
+    assert f"How the neurons were found: {result.source}." in card
+    assert result.source == (
+        f"find_register_neurons on 16 images: the top 2 of blocks 0-2 by mean activation at the {result.num_outliers} "
+        f"patch tokens whose norm at the output of block 5 exceeds {result.threshold.value:.4g} (bimodal threshold)"
+    )
+
+
+def test_neurons_the_model_lacks_are_refused_at_load(tmp_path):
+    make = functools.partial(build_tiny_model, "tiny-dinov2", hidden_size=32)
+    add_test_time_registers(make(num_hidden_layers=4), [(3, 100), (1, 5), (2, 90)]).save_pretrained(tmp_path)
+    with pytest.raises(AdapterMismatchError) as error:
+        PeftModel.from_pretrained(make(num_hidden_layers=2), tmp_path)
+    assert str(error.value) == (
+        "2 of the 3 register neurons do not fit Dinov2Model (2 blocks, numbered from 0, of 128 MLP hidden units): "
+        "(3, 100), (2, 90). They were found for another model: run register_adapter.find_register_neurons on this "
+        "one."
+    )
+    with pytest.raises(AdapterMismatchError) as error:
+        PeftModel.from_pretrained(make(num_hidden_layers=4, mlp_ratio=3), tmp_path)
+    assert str(error.value).startswith(
+        "1 of the 3 register neurons do not fit Dinov2Model (4 blocks, numbered from 0, of 96 MLP hidden units): "
+        "(3, 100). They"
+    )
+
+
+def test_the_published_dinov2_large_neurons_hook_exactly_their_layers_and_units():
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=518
+    )
+    with torch.device("meta"):
+        model = Dinov2Model(config)
+    model.config._name_or_path = "facebook/dinov2-large"
+    model = add_test_time_registers(model)
+    hooked = {
+        name: module.register_units["default"]
+        for name, module in model.named_modules()
+        if isinstance(module, RegisterNeuronLayer)
+    }
+    table = {
+        f"base_model.model.encoder.layer.{block}.mlp.fc2": [
+            (unit, 0) for b, unit in PUBLISHED["facebook/dinov2-large"].neurons if b == block
+        ]
+        for block in (17, 16, 15, 14, 13, 12)
+    }
+    assert hooked == table and sum(map(len, hooked.values())) == 45
+    config = model.peft_config["default"]
+    assert config.neuron_source.startswith("published with the paper's code (github.com/nickjiang2378/")
+
+
+def test_a_model_without_published_neurons_is_told_to_find_them():
+    model = planted_model("vit").model
+    with pytest.raises(InvalidConfigError) as error:
+        add_test_time_registers(model)
+    assert str(error.value) == (
+        "No published register neurons for 'this model' (ViTModel); they are published for facebook/dinov2-large. "
+        "Find them on a few hundred of your images: neurons = register_adapter.find_register_neurons(model, images), "
+        "then add_test_time_registers(model, neurons)."
+    )
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+
+
+def test_images_without_outliers_are_refused_with_the_threshold_and_layer():
+    clean = build_tiny_model("tiny-vit")
+    pixel_values = torch.rand(4, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DataError) as error:
+        find_register_neurons(clean, pixel_values, progress=False)
+    assert str(error.value) == (
+        "No outlier patch tokens on the 4 images at any block output with threshold 'auto', so there is nothing to "
+        "find register neurons from. Try more images (plain backgrounds bring artifacts out), another outlier_layer "
+        "(artifacts appear from the middle blocks on), or a lower fixed threshold (150 for DINOv2 ViT-L); "
+        "register_adapter.find_artifacts shows the norms of every layer."
+    )
+    planted = planted_model("vit")
+    with pytest.raises(DataError, match=r"^No outlier patch tokens on the 16 images at the output of block 0 \("):
+        find_register_neurons(planted.model, planted.preprocess(scenes()), outlier_layer=0, threshold=50.0)
+
+
+def test_settings_are_checked_before_any_image_is_read():
+    planted = planted_model("vit")
+    pixel_values = planted.preprocess(scenes()[:2])
+    cases = [
+        (
+            {"top_layer": 2, "top_k": 769},
+            "top_k=769 is larger than the 768 candidate neurons (blocks 0-2, 256 MLP hidden units each). Ask for "
+            "fewer, or pass a later top_layer.",
+        ),
+        (
+            {"outlier_layer": 1, "top_layer": 2},
+            "top_layer (2) comes after outlier_layer (1): neurons after the block where the outliers are read cannot "
+            "have written them.",
+        ),
+        (
+            {"outlier_layer": 6},
+            "outlier_layer must be a block index in [0, 5] (or counting from the end, in [-6, -1]), or None to choose "
+            "it from the images; got 6.",
+        ),
+        ({"top_k": 0}, "top_k must be a positive whole number, or None to choose it; got 0."),
+        ({"score": "median"}, "score must be one of mean, mean_abs, got 'median'."),
+        ({"mode": "max"}, "mode must be one of neuron_max, layer_max, got 'max'."),
+    ]
+    for kwargs, message in cases:
+        with ForwardCounter(planted.model) as counter, pytest.raises(InvalidConfigError) as error:
+            find_register_neurons(planted.model, pixel_values, progress=False, **kwargs)
+        assert (str(error.value), counter.calls) == (message, 0)
+
+
+def test_top_k_above_the_candidates_is_refused_once_top_layer_is_known():
+    planted = planted_model("vit")
+    with ForwardCounter(planted.model) as counter, pytest.raises(InvalidConfigError) as error:
+        find_register_neurons(planted.model, planted.preprocess(scenes()[:8]), top_k=1000, progress=False)
+    assert str(error.value) == (
+        "top_k=1000 is larger than the 768 candidate neurons (blocks 0-2, 256 MLP hidden units each). Ask for fewer, "
+        "or pass a later top_layer."
+    )
+    assert counter.calls == 1  # the norms only: top_layer is chosen from them
+
+
+def test_images_of_different_sizes_are_refused():
+    from transformers import ViTImageProcessorPil
+
+    planted = planted_model("vit")
+    images = [scenes()[0], scenes()[1][:30, :30]]
+    processor = ViTImageProcessorPil(do_resize=False)
+    with pytest.raises(
+        DataError, match=r"^Images must all have one size after preprocessing: image 1 is 30x30 pixels"
+    ):
+        find_register_neurons(planted.model, images, processor=processor, progress=False)
+
+
+def test_a_family_without_an_mlp_output_projection_is_refused(monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setitem(FAMILIES, "vit", replace(FAMILIES["vit"], mlp_out_proj=("mlp.missing",)))
+    model = planted_model("vit").model
+    message = (
+        "No MLP output projection found in ViTLayer at any of ['mlp.missing']. Test-time registers edit the input of "
+        "the MLP output projection: declare where it is in the family's FamilySpec.mlp_out_proj "
+        "(register_adapter.register_family)."
+    )
+    for call in (
+        lambda: find_register_neurons(model, torch.zeros(1, 3, 32, 32)),
+        lambda: add_test_time_registers(model, [(1, 2)]),
+    ):
+        with pytest.raises(UnsupportedModelError) as error:
+            call()
+        assert str(error.value) == message
+
+
+def test_a_model_with_adapters_is_refused():
+    model = add_registers(build_tiny_model("tiny-vit"), 1)
+    with pytest.raises(InvalidConfigError, match=r"^find_register_neurons needs the model without adapters, "):
+        find_register_neurons(model, torch.zeros(1, 3, 30, 30))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"register_neurons": []},
+            "register_neurons must be a non-empty list of (block, unit) pairs, or None for no "
+            "test-time registers; got [].",
+        ),
+        (
+            {"register_neurons": [(1, -2)]},
+            "Each register neuron must be a (block, unit) pair of whole numbers >= 0 "
+            "(0-based block of the vision tower, hidden unit of its MLP); got (1, -2).",
+        ),
+        ({"register_neurons": [(1, 2), (3, 4), (1, 2)]}, "register_neurons lists (1, 2) more than once."),
+        (
+            {"register_neurons": [(1, 2)], "method": "trained"},
+            "register_neurons belong to test-time registers: set "
+            "method='test-time' (got 'trained'), or use register_adapter.add_test_time_registers, which does.",
+        ),
+        ({"neuron_mode": "sign_max"}, "neuron_mode must be one of neuron_max, layer_max, got 'sign_max'."),
+        ({"keep_cls": "yes"}, "keep_cls must be True or False, got 'yes'."),
+    ],
+)
+def test_test_time_config_fields_are_checked(kwargs, message):
+    with pytest.raises(InvalidConfigError) as error:
+        RegisterConfig(**{"method": "test-time", **kwargs})
+    assert str(error.value) == message
+
+
+def test_lora_on_the_projection_the_neurons_feed_is_refused():
+    planted = planted_model("vit")
+    with pytest.raises(InvalidConfigError) as error:
+        add_test_time_registers(copy.deepcopy(planted.model), [(2, 1)], lora_r=2, lora_target_modules=["fc2"])
+    assert str(error.value) == (
+        "lora_target_modules includes layers.2.mlp.fc2, the MLP output projection the register neurons feed; "
+        "choose other LoRA targets (e.g. the attention projections)."
+    )
