@@ -11,6 +11,8 @@ from ..errors import InvalidConfigError
 from ..peft_integration import REGISTERS
 
 INIT_METHODS = ("normal", "zeros", "scaled_randn")
+#: The weights a register adapter can unlock (see :mod:`register_adapter.tuner.unlocked`), in config order.
+UNLOCKABLE_WEIGHTS = ("position_embeddings", "patch_embedding", "last_block")
 #: How registers were obtained, and how model cards describe it.
 METHODS = {
     "trained": "trained registers ([arXiv 2309.16588](https://arxiv.org/abs/2309.16588))",
@@ -47,6 +49,9 @@ class RegisterConfig(PeftConfig):
         lora_dropout: Dropout on the input of the LoRA branch.
         lora_target_modules: Names of the ``nn.Linear`` layers inside each block that get LoRA (default
             ``["q_proj", "v_proj"]``). Never applied outside the vision tower (e.g. CLIP's text tower).
+        unlocked_weights: Weights of the vision tower that the adapter trains a copy of, as PH-Reg does (see
+            :mod:`register_adapter.tuner.unlocked`): any of ``"position_embeddings"``, ``"patch_embedding"``,
+            ``"last_block"``. The base model's own weights never change.
 
     Example:
 
@@ -95,6 +100,13 @@ class RegisterConfig(PeftConfig):
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "Names of the linear layers in each block that get LoRA."},
     )
+    unlocked_weights: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Weights of the vision tower the adapter trains a copy of: any of "
+            f"{', '.join(UNLOCKABLE_WEIGHTS)}."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +125,22 @@ class RegisterConfig(PeftConfig):
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
+        self._check_unlocked_weights()
+
+    def _check_unlocked_weights(self) -> None:
+        """Keep ``unlocked_weights`` as a list in the order of ``UNLOCKABLE_WEIGHTS`` (``None`` when empty)."""
+        unlocked = [self.unlocked_weights] if isinstance(self.unlocked_weights, str) else self.unlocked_weights or []
+        unknown = [name for name in unlocked if name not in UNLOCKABLE_WEIGHTS]
+        if unknown:
+            raise InvalidConfigError(
+                f"unlocked_weights must hold names from {', '.join(UNLOCKABLE_WEIGHTS)}, got {unknown!r}."
+            )
+        if self.lora_r and "last_block" in unlocked:
+            raise InvalidConfigError(
+                f"lora_r={self.lora_r} with 'last_block' in unlocked_weights: the last block is trained whole, so LoRA "
+                "on it has nothing to add. Use one of the two (lora_r=0, or leave last_block out)."
+            )
+        self.unlocked_weights = [name for name in UNLOCKABLE_WEIGHTS if name in unlocked] or None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
