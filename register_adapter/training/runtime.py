@@ -144,14 +144,19 @@ def prepare_push(training_args: TrainingArguments) -> str | None:
 
 
 def check_images_once(
-    splits: datasets.DatasetDict | dict[str, datasets.Dataset], data_args: Any, training_args: TrainingArguments
+    splits: datasets.DatasetDict | dict[str, datasets.Dataset],
+    data_args: Any,
+    training_args: TrainingArguments,
+    *,
+    find_problems: Callable[[datasets.Dataset], dict[int, str]] | None = None,
 ) -> None:
     """Open every image once, on the main process, and apply ``--on_bad_image`` on every process.
 
     ``main_process_first`` would only order the processes: a dataset built in memory (an image folder) has no cache
     file for ``datasets`` to share, so every process would decode every image again. Instead the main process reads
     them and sends the unreadable ones to the others, which then keep or refuse exactly the same images.
-    ``data_args`` gives ``image_check``, ``on_bad_image`` and ``preprocessing_num_workers``.
+    ``data_args`` gives ``image_check``, ``on_bad_image`` and ``preprocessing_num_workers``; ``find_problems`` finds
+    further images a command cannot use (row -> reason), treated as the unreadable ones.
     """
     problems: dict[str, dict[int, str]] = {}
     if training_args.process_index == 0:
@@ -159,6 +164,8 @@ def check_images_once(
             problems[name] = find_unreadable_images(
                 split, check=data_args.image_check, split=name, num_proc=data_args.preprocessing_num_workers
             )
+            if find_problems is not None:
+                problems[name] = {**find_problems(split), **problems[name]}
     if training_args.world_size > 1:
         problems = broadcast_object_list([problems])[0]
     for name in list(splits):
