@@ -39,6 +39,10 @@ _EXPORTS = {
     "RegisterLayer": "tuner",
     "RegisterModel": "tuner",
     "add_registers": "tuner",
+    "DenoisedTeacher": "methods.distillation",
+    "PHRegConfig": "methods.distillation",
+    "RegisterDistillationTrainer": "methods.distillation",
+    "distill_registers": "methods.distillation",
     "from_dinov2_with_registers": "methods",
     "to_dinov2_with_registers": "methods",
     "ArtifactReport": "diagnostics",
@@ -52,13 +56,16 @@ __all__ = [
     "AdapterMismatchError",
     "ArtifactReport",
     "DataError",
+    "DenoisedTeacher",
     "FamilySpec",
     "IncompatibleVersionsError",
     "InvalidConfigError",
     "MergeNotSupportedError",
+    "PHRegConfig",
     "REGISTERS",
     "RegisterAdapterError",
     "RegisterConfig",
+    "RegisterDistillationTrainer",
     "RegisterLayer",
     "RegisterModel",
     "TokenGroups",
@@ -69,6 +76,7 @@ __all__ = [
     "add_registers",
     "corloc",
     "discover_objects",
+    "distill_registers",
     "find_artifacts",
     "find_vision_tower",
     "from_dinov2_with_registers",
@@ -109,6 +117,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from .methods import from_dinov2_with_registers, to_dinov2_with_registers
+    from .methods.distillation import DenoisedTeacher, PHRegConfig, RegisterDistillationTrainer, distill_registers
     from .peft_integration import REGISTERS
     from .tokens import TokenGroups, TokenLayout, split_tokens, token_layout
     from .tuner import RegisterConfig, RegisterLayer, RegisterModel, add_registers
