@@ -53,6 +53,7 @@ benchmark: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/diagnose_throughput.py
+	$(BIN)/python benchmarks/distill_throughput.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) build dist *.egg-info .pytest_cache .ruff_cache

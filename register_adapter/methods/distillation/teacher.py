@@ -248,9 +248,11 @@ class DenoisedTeacher:
         grid = patch_grid(pixel_values.shape, self.tower.patch_size)
         rngs = rngs if rngs is not None else [np.random.default_rng() for _ in range(batch)]
         plans = [self.views(grid, rng) for rng in rngs]
-        offsets = torch.as_tensor(np.stack([plan.offsets for plan in plans]), device=pixel_values.device)  # (B, V, 2)
-        flips = torch.as_tensor(np.stack([plan.flips for plan in plans]), device=pixel_values.device)  # (B, V)
-        destination = self._destinations(offsets, flips, grid)  # (B, V, h * w), -1 where a view holds fill
+        offsets = np.stack([plan.offsets for plan in plans])  # (B, V, 2)
+        flips = np.stack([plan.flips for plan in plans])  # (B, V)
+        destination = self._destinations(
+            torch.as_tensor(offsets, device=device), torch.as_tensor(flips, device=device), grid
+        )  # (B, V, h * w), -1 where a view holds fill
         sums = counts = None
         with torch.no_grad(), self._frozen():
             for index, views in self._view_batches(pixel_values, offsets, flips):
@@ -286,11 +288,11 @@ class DenoisedTeacher:
         return flat.flatten(2)
 
     def _view_batches(
-        self, pixel_values: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor
+        self, pixel_values: torch.Tensor, offsets: np.ndarray, flips: np.ndarray
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of at most ``view_batch_size`` views: (indices into the flattened (B * V) views, pixels)."""
         patch = self.tower.patch_size
-        limits = offsets.abs().amax(dim=(0, 1)).tolist()  # the largest shift, rows and columns
+        limits = np.abs(offsets).max(axis=(0, 1)).tolist()  # the largest shift, rows and columns
         pad_rows, pad_columns = limits[0] * patch, limits[1] * patch
         batch, channels, height, width = pixel_values.shape
         fill = self.fill_value.to(pixel_values.device, pixel_values.dtype).view(1, channels, 1, 1)
@@ -304,6 +306,6 @@ class DenoisedTeacher:
                 top = pad_rows + int(offsets[b, v, 0]) * patch
                 left = pad_columns + int(offsets[b, v, 1]) * patch
                 view = padded[b, :, top : top + height, left : left + width]  # (3, H, W)
-                views.append(view.flip(-1) if bool(flips[b, v]) else view)
+                views.append(view.flip(-1) if flips[b, v] else view)
             index = torch.as_tensor([b * offsets.shape[1] + v for b, v in chunk], device=pixel_values.device)
             yield index, torch.stack(views)  # (b, 3, H, W)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ...architectures import find_vision_tower
 from ...errors import InvalidConfigError
@@ -178,6 +178,7 @@ def distill_registers(
     *,
     processor: Any = None,
     data_args: ImageDataArguments | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> PeftModel:
     """Distill registers into ``model`` with PH-Reg (Chen et al., "Vision Transformers with Self-Distilled
     Registers", https://arxiv.org/abs/2505.21501), on the 🤗 ``Trainer``.
@@ -197,6 +198,7 @@ def distill_registers(
             ``push_to_hub``, ``bf16``, DDP.
         processor: The model's image processor (default: resize to the model's ``image_size``, mean = std = 0.5).
         data_args: The image column and the image checks (``on_bad_image``, ``image_check``).
+        callbacks: ``TrainerCallback`` objects added to the ``Trainer``.
 
     Raises:
         UnsupportedModelError: a family that cannot be distilled this way (SigLIP2, ViTMAE), or an unlock option the
@@ -225,6 +227,7 @@ def distill_registers(
         data_args=data_args or ImageDataArguments(),
         resume=resume,
         hub_repo_id=hub_repo_id,
+        callbacks=callbacks,
     )
 
 
@@ -245,6 +248,7 @@ def run_distillation(
     resume: str | None,
     hub_repo_id: str | None,
     base_model_name: str | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> PeftModel:
     """:func:`distill_registers` once the checkpoint to resume from and the Hub repository are known."""
     if isinstance(model, PeftModel):
@@ -275,7 +279,13 @@ def run_distillation(
 
     args = dataclasses.replace(training_args, push_to_hub=False, remove_unused_columns=False, label_names=[])
     trainer = RegisterDistillationTrainer(
-        student, args, teacher=teacher, config=config, train_dataset=data, processing_class=processor
+        student,
+        args,
+        teacher=teacher,
+        config=config,
+        train_dataset=data,
+        processing_class=processor,
+        callbacks=callbacks,
     )
     if config.cache_targets:
         trainer.use_cached_targets()
