@@ -4,10 +4,7 @@ cache, resuming after SIGKILL, the Hub, bad input refused before any forward pas
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -19,6 +16,7 @@ from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
 from test_data import make_image_folder
+from testing_common import killed_run, run_script
 
 from register_adapter.cli import main
 from register_adapter.errors import DataError, InvalidConfigError
@@ -29,7 +27,6 @@ from register_adapter.sources import load_unlabelled_images
 from register_adapter.tiny import build_tiny_model
 from register_adapter.training.distillation import DistillationTrainingArguments, distill, parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
@@ -215,29 +212,6 @@ def test_cache_chunks_are_shared_between_processes(tmp_path, images):
 
 KILL_AT_STEP = 4
 
-KILLED_RUN = """
-import os, signal, sys
-from transformers import TrainerCallback
-import register_adapter.methods.distillation.trainer as trainer_module
-from register_adapter.cli import main
-
-
-class KillAfterCheckpoint(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == {step}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class KilledTrainer(trainer_module.RegisterDistillationTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_callback(KillAfterCheckpoint())
-
-
-trainer_module.RegisterDistillationTrainer = KilledTrainer
-sys.exit(main(["distill", *sys.argv[1:]]))
-"""
-
 
 @pytest.mark.slow
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(images, tmp_path):
@@ -247,12 +221,10 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(images, tmp_p
     reference = run(images, tmp_path / "reference", *schedule)
 
     killed = tmp_path / "killed"
-    script = tmp_path / "killed_run.py"
-    script.write_text(KILLED_RUN.format(step=KILL_AT_STEP))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.run(
-        [sys.executable, str(script), *cli_args(images, killed, *schedule)], env=env, capture_output=True, text=True
+    source = killed_run(
+        "distill", "register_adapter.methods.distillation.trainer", "RegisterDistillationTrainer", KILL_AT_STEP
     )
+    process = run_script(source, tmp_path, *cli_args(images, killed, *schedule))
     assert process.returncode == -9, process.stderr[-3000:]
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-2",

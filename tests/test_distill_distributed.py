@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from test_data import make_image_folder
 from test_distill import cli_args, run, saved
-
-ROOT = Path(__file__).resolve().parents[1]
+from testing_common import run_script
 
 # Runs `register-adapter distill` exactly as `torchrun -m register_adapter.cli distill` does, with target-cache chunks
 # of 4 images, and records the adapter each rank holds at the end and the cache chunks it computed.
@@ -65,14 +59,10 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, 
 
     records = tmp_path / "records"
     records.mkdir()
-    script = tmp_path / "recording_run.py"
-    script.write_text(RECORDING_RUN)
     out = tmp_path / "ddp"
     args = cli_args(data, out, *schedule, "--target_cache_dir", str(tmp_path / "cache-ddp"), "--ddp_backend", "gloo")
     args[args.index("--per_device_train_batch_size") + 1] = "2"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    process = subprocess.run([*launcher, str(script), str(records), *args], env=env, capture_output=True, text=True)
+    process = run_script(RECORDING_RUN, tmp_path, str(records), *args, processes=2)
     assert process.returncode == 0, process.stderr[-4000:]
     exits = [(records / f"exit{rank}.txt").read_text() for rank in (0, 1)]
     assert exits == ["status=0 initialized=False", "status=0 initialized=False"]

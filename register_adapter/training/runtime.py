@@ -174,6 +174,27 @@ def check_images_once(
         )
 
 
+def precision(training_args: TrainingArguments) -> str:
+    """The mixed precision of a run: ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+
+
+def run_summary(training_args: TrainingArguments, processes: int) -> dict[str, Any]:
+    """The rows every training command's model card shows about the run: learning rate, global batch size, epochs
+    or steps, precision, processes, seed."""
+    args = training_args
+    summary = {
+        "learning rate": args.learning_rate,
+        "global batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * processes,
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+        "max steps": args.max_steps if args.max_steps > 0 else None,
+        "precision": precision(args),
+        "processes": processes,
+        "seed": args.seed,
+    }
+    return {k: v for k, v in summary.items() if v is not None}
+
+
 def run_command(run: Callable[[], Any], log_level: int) -> int:
     """Run a training command with logging set up: 0 when it succeeds, 2 (and one logged error) for bad input.
 

@@ -41,7 +41,21 @@ def _strip_output(output: Any, position: int, count: int) -> Any:
     return output
 
 
-class RegisterLayer(nn.Module, BaseTunerLayer):
+class WrapsModule:
+    """Mixin of the tuner layers that wrap a module (``base_layer``): attributes the layer lacks are read from the
+    wrapped module, since model code reads through it (``self.embeddings.patch_embeddings.projection.weight.dtype``,
+    a block's ``mlp``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class RegisterLayer(WrapsModule, nn.Module, BaseTunerLayer):
     """Wraps the ``embeddings`` module of a vision tower and inserts the active adapter's register tokens.
 
     The layout of the sequence becomes ``[prefix (CLS, distillation, native registers), REG_1..REG_R, PATCH...]``.
@@ -89,15 +103,6 @@ class RegisterLayer(nn.Module, BaseTunerLayer):
         self._install_hooks(tower, is_backbone)
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code reads through the embeddings (``self.embeddings.patch_embeddings.projection.weight.dtype``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def update_layer(self, adapter_name: str, config: RegisterConfig, **kwargs: Any) -> None:
         reference = _floating_param(self.base_layer)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..architectures import VisionTower
 from ..errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModelError
-from .layer import MERGE_MESSAGE
+from .layer import MERGE_MESSAGE, WrapsModule
 
 
 def _copies(module: nn.Module, names: Sequence[str]) -> nn.Module:
@@ -41,7 +41,7 @@ def _copies(module: nn.Module, names: Sequence[str]) -> nn.Module:
     return root
 
 
-class UnlockedLayer(nn.Module, BaseTunerLayer):
+class UnlockedLayer(WrapsModule, nn.Module, BaseTunerLayer):
     """Wraps a module and runs it, for each adapter that unlocked it, with that adapter's copies of some of its
     parameters.
 
@@ -61,15 +61,6 @@ class UnlockedLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self.update_layer(adapter_name, names)
         self._active_adapter = adapter_name
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code reads attributes through the wrapped module (``embeddings.patch_embeddings``, a block's ``mlp``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def update_layer(self, adapter_name: str, names: Sequence[str], **kwargs: Any) -> None:
         self.unlocked_weights[adapter_name] = _copies(self.base_layer, names)

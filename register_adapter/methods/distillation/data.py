@@ -104,8 +104,9 @@ def find_small_images(dataset: datasets.Dataset, grid: tuple[int, int]) -> dict[
     Only file headers are read; images that cannot be opened are left to the readability check.
     """
     raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+    values = (value for batch in raw.iter(batch_size=256) for value in batch[IMAGE_COLUMN])  # bounded memory
     problems = {}
-    for index, value in enumerate(raw[IMAGE_COLUMN]):
+    for index, value in enumerate(values):
         source = value["bytes"] if value.get("bytes") is not None else value.get("path")
         try:
             with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:

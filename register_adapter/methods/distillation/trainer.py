@@ -26,7 +26,15 @@ from ...geometry import patch_grid, target_size
 from ...pixels import default_processor
 from ...sources import load_unlabelled_images
 from ...training.arguments import ImageDataArguments
-from ...training.runtime import check_images_once, check_resume_config, prepare_push, publish, resolve_checkpoint
+from ...training.runtime import (
+    check_images_once,
+    check_resume_config,
+    precision,
+    prepare_push,
+    publish,
+    resolve_checkpoint,
+    run_summary,
+)
 from ...tuner.config import RegisterConfig
 from ...tuner.unlocked import check_unlockable
 from .cache import cache_key, cached_targets, default_cache_dir
@@ -152,8 +160,9 @@ class RegisterDistillationTrainer(Trainer):
         """Compute (or read) the teacher's targets of the training images once, and train on them from now on."""
         data: DistillationImages = self.train_dataset
         folder_root = Path(self.phreg.target_cache_dir) if self.phreg.target_cache_dir else default_cache_dir()
-        precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
-        key = cache_key(data, self.teacher, seed=self.view_seed, dtype=self.phreg.cache_dtype, precision=precision)
+        key = cache_key(
+            data, self.teacher, seed=self.view_seed, dtype=self.phreg.cache_dtype, precision=precision(self.args)
+        )
         targets = cached_targets(
             data,
             self.teacher,
@@ -329,13 +338,9 @@ def _summary(
         "loss": f"{config.cosine_weight} * (1 - cos) + {config.mse_weight} * MSE",
         "target cache": config.cache_targets,
         "training images": images,
-        "learning rate": args.learning_rate if final is None else f"{args.learning_rate} -> {final} (exponential)",
+        **run_summary(args, processes),
         "weight decay": args.weight_decay,
-        "global batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * processes,
-        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
-        "max steps": args.max_steps if args.max_steps > 0 else None,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "processes": processes,
-        "seed": args.seed,
     }
+    if final is not None:
+        summary["learning rate"] = f"{args.learning_rate} -> {final} (exponential)"
     return {k: v for k, v in summary.items() if v is not None}
