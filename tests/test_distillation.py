@@ -17,6 +17,7 @@ from testing_common import build, make_inputs, max_diff, planted_model
 
 from register_adapter import add_registers, find_vision_tower
 from register_adapter.errors import InvalidConfigError, UnsupportedModelError
+from register_adapter.geometry import patch_grid
 from register_adapter.methods.distillation import DenoisedTeacher, PHRegConfig, distill_registers, distillation_loss
 from register_adapter.methods.distillation.teacher import final_patch_tokens
 from register_adapter.testing import make_object_images
@@ -67,6 +68,20 @@ def patch_local(name: str) -> torch.nn.Module:
         if conv.bias is not None:
             conv.bias.zero_()
     return model
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_features_are_the_models_own_final_normed_patch_tokens(name):
+    model = build_tiny_model(name)
+    tower = find_vision_tower(model)
+    images = pixels(name)
+    height, width = patch_grid(images.shape, tower.patch_size)
+    with torch.no_grad():
+        output = tower.module(pixel_values=images).last_hidden_state
+        if name in ("tiny-clip-vision", "tiny-clip"):  # CLIP normalises only the pooled CLS token; dense CLIP all
+            output = tower.module.post_layernorm(output)
+        features = final_patch_tokens(tower, images)
+    assert torch.equal(features, output[:, -height * width :])
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -238,8 +253,10 @@ def high_norm_share(model: torch.nn.Module, images: torch.Tensor, num_patches: i
     return max(float((n > 5 * n.median()).float().mean()) for n in norms)
 
 
-@pytest.mark.slow
-def test_distillation_removes_planted_artifacts(tmp_path):
+def distill_planted(folder, **config) -> tuple[float, float, float, float]:
+    """Distill a DINOv2 with planted artifacts on 16 scenes (120 steps, target cache); returns the share of patch
+    tokens far from the oracle before and after, and the share of high-norm tokens in the residual stream before and
+    after, on 16 other scenes."""
     from register_adapter.testing import make_artifact_model
 
     planted = make_artifact_model("dinov2")  # a copy of its own: distillation adds the adapter in place
@@ -249,24 +266,37 @@ def test_distillation_removes_planted_artifacts(tmp_path):
     with torch.no_grad():
         oracle = final_patch_tokens(find_vision_tower(planted.oracle), test)
         raw = final_patch_tokens(find_vision_tower(planted.model), test)
-    far_before = (torch.nn.functional.cosine_similarity(raw, oracle, dim=-1) < 0.5).float().mean()
+    far_before = float((torch.nn.functional.cosine_similarity(raw, oracle, dim=-1) < 0.5).float().mean())
     high_before = high_norm_share(planted.model, test, num_patches)
 
     dataset = datasets.Dataset.from_dict({"image": [PIL.Image.fromarray(image) for image in train]})
     args = DistillationTrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=120, learning_rate=2e-2, final_learning_rate=1e-3,
+        output_dir=str(folder / "out"), max_steps=120, learning_rate=2e-2, final_learning_rate=1e-3,
         per_device_train_batch_size=8, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
-    config = PHRegConfig(cache_targets=True, target_cache_dir=str(tmp_path / "cache"))
+    config = PHRegConfig(cache_targets=True, target_cache_dir=str(folder / "cache"), **config)
     student = distill_registers(planted.model, dataset, config, args, processor=planted.processor)
-
     with torch.no_grad():
         distilled = final_patch_tokens(find_vision_tower(student), test)
-    far_after = (torch.nn.functional.cosine_similarity(distilled, oracle, dim=-1) < 0.5).float().mean()
-    high_after = high_norm_share(student, test, num_patches)
+    far_after = float((torch.nn.functional.cosine_similarity(distilled, oracle, dim=-1) < 0.5).float().mean())
+    return far_before, far_after, high_before, high_norm_share(student, test, num_patches)
+
+
+@pytest.mark.slow
+def test_distillation_removes_planted_artifacts(tmp_path):
+    far_before, far_after, high_before, high_after = distill_planted(tmp_path)
     assert (far_before, high_before) > (0.015, 0.015)
     assert far_after <= 0.2 * far_before
     assert high_after <= 0.2 * high_before
+
+
+@pytest.mark.slow
+def test_distilling_the_raw_teacher_keeps_the_planted_artifacts(tmp_path):
+    # The control: one view is the raw model, artifacts included. The same training then removes neither the
+    # features far from the oracle nor most high-norm tokens: the denoised targets do the work.
+    far_before, far_after, high_before, high_after = distill_planted(tmp_path, num_views=1)
+    assert far_after >= far_before
+    assert high_after >= 0.4 * high_before
 
 
 # bad input ---------------------------------------------------------------------------------------------------------
