@@ -41,10 +41,9 @@ def _strip_output(output: Any, position: int, count: int) -> Any:
     return output
 
 
-class WrapsModule:
-    """Mixin of the tuner layers that wrap a module (``base_layer``): attributes the layer lacks are read from the
-    wrapped module, since model code reads through it (``self.embeddings.patch_embeddings.projection.weight.dtype``,
-    a block's ``mlp``)."""
+class BaseLayerAttributes:
+    """Attributes a tuner layer lacks are read from its ``base_layer``: model code reads through the modules it wraps
+    (``self.embeddings.patch_embeddings.projection.weight.dtype``, ``mlp.fc2.in_features``)."""
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -55,7 +54,7 @@ class WrapsModule:
             return getattr(self.base_layer, name)
 
 
-class RegisterLayer(WrapsModule, nn.Module, BaseTunerLayer):
+class RegisterLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
     """Wraps the ``embeddings`` module of a vision tower and inserts the active adapter's register tokens.
 
     The layout of the sequence becomes ``[prefix (CLS, distillation, native registers), REG_1..REG_R, PATCH...]``.

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..architectures import VisionTower
 from ..errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModelError
-from .layer import MERGE_MESSAGE, WrapsModule
+from .layer import MERGE_MESSAGE, BaseLayerAttributes
 
 
 def _copies(module: nn.Module, names: Sequence[str]) -> nn.Module:
@@ -41,7 +41,7 @@ def _copies(module: nn.Module, names: Sequence[str]) -> nn.Module:
     return root
 
 
-class UnlockedLayer(WrapsModule, nn.Module, BaseTunerLayer):
+class UnlockedLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
     """Wraps a module and runs it, for each adapter that unlocked it, with that adapter's copies of some of its
     parameters.
 
