@@ -90,6 +90,27 @@ def _comparable(value: Any) -> Any:
     return sorted(value) if isinstance(value, (list, tuple, set)) else value
 
 
+def precision(training_args: TrainingArguments) -> str:
+    """The mixed precision of a run: ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+
+
+def run_summary(training_args: TrainingArguments, processes: int) -> dict[str, Any]:
+    """The rows every training command's model card shows about the run: learning rate, global batch size, epochs
+    or steps, precision, processes, seed."""
+    args = training_args
+    summary = {
+        "learning rate": args.learning_rate,
+        "global batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * processes,
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+        "max steps": args.max_steps if args.max_steps > 0 else None,
+        "precision": precision(args),
+        "processes": processes,
+        "seed": args.seed,
+    }
+    return {k: v for k, v in summary.items() if v is not None}
+
+
 def create_hub_repo(training_args: TrainingArguments) -> str:
     """Create (or find) the Hub repository that ``--push_to_hub`` uploads to, so a push that cannot work stops the run
     before training rather than after it. Returns the repository id.
@@ -172,27 +193,6 @@ def check_images_once(
         splits[name] = drop_unreadable_images(
             splits[name], problems[name], on_bad_image=data_args.on_bad_image, split=name
         )
-
-
-def precision(training_args: TrainingArguments) -> str:
-    """The mixed precision of a run: ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
-    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
-
-
-def run_summary(training_args: TrainingArguments, processes: int) -> dict[str, Any]:
-    """The rows every training command's model card shows about the run: learning rate, global batch size, epochs
-    or steps, precision, processes, seed."""
-    args = training_args
-    summary = {
-        "learning rate": args.learning_rate,
-        "global batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * processes,
-        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
-        "max steps": args.max_steps if args.max_steps > 0 else None,
-        "precision": precision(args),
-        "processes": processes,
-        "seed": args.seed,
-    }
-    return {k: v for k, v in summary.items() if v is not None}
 
 
 def run_command(run: Callable[[], Any], log_level: int) -> int:
