@@ -54,6 +54,7 @@ benchmark: install
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/diagnose_throughput.py
 	$(BIN)/python benchmarks/test_time_overhead.py
+	$(BIN)/python benchmarks/distill_throughput.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) build dist *.egg-info .pytest_cache .ruff_cache

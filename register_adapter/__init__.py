@@ -40,6 +40,10 @@ _EXPORTS = {
     "RegisterLayer": "tuner",
     "RegisterModel": "tuner",
     "add_registers": "tuner",
+    "DenoisedTeacher": "methods.distillation",
+    "PHRegConfig": "methods.distillation",
+    "RegisterDistillationTrainer": "methods.distillation",
+    "distill_registers": "methods.distillation",
     "from_dinov2_with_registers": "methods",
     "to_dinov2_with_registers": "methods",
     "RegisterNeurons": "methods.test_time",
@@ -57,13 +61,16 @@ __all__ = [
     "ArtifactReport",
     "DataError",
     "DroppedModulesWarning",
+    "DenoisedTeacher",
     "FamilySpec",
     "IncompatibleVersionsError",
     "InvalidConfigError",
     "MergeNotSupportedError",
+    "PHRegConfig",
     "REGISTERS",
     "RegisterAdapterError",
     "RegisterConfig",
+    "RegisterDistillationTrainer",
     "RegisterLayer",
     "RegisterModel",
     "RegisterNeurons",
@@ -76,6 +83,7 @@ __all__ = [
     "add_test_time_registers",
     "corloc",
     "discover_objects",
+    "distill_registers",
     "find_artifacts",
     "find_register_neurons",
     "find_vision_tower",
@@ -118,6 +126,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from .methods import from_dinov2_with_registers, to_dinov2_with_registers
+    from .methods.distillation import DenoisedTeacher, PHRegConfig, RegisterDistillationTrainer, distill_registers
     from .methods.test_time import RegisterNeurons, add_test_time_registers, find_register_neurons
     from .metrics import corloc
     from .peft_integration import REGISTERS

@@ -69,6 +69,10 @@ class FamilySpec:
             ``Linear`` on pre-patchified pixels).
         position_embeddings: Dotted path, inside the embeddings, of the learned position table: an ``nn.Parameter``
             or an ``nn.Embedding``; ``None`` for families that rotate queries and keys instead (DINOv3's RoPE).
+        final_norm: Dotted path of the norm after the last block, when it is not ``strip_at``: CLIP applies its
+            ``post_layernorm`` to the pooled CLS token only, dense CLIP features apply it to every token.
+        random_patch_order: Whether the embeddings drop and shuffle patches at random (ViTMAE's masking), so that
+            patch tokens do not come out in the order of the patch grid.
     """
 
     name: str
@@ -88,6 +92,8 @@ class FamilySpec:
     attention: tuple[str, str, str] = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
     patch_embedding: str = "patch_embeddings.projection"
     position_embeddings: str | None = "position_embeddings"
+    final_norm: str | None = None
+    random_patch_order: bool = False
 
 
 _VIT_LIKE = {"layers": "layers", "strip_at": "layernorm", "mlp_out_proj": ("mlp.fc2",)}
@@ -136,7 +142,13 @@ for _spec in (
         **_VIT_LIKE,
     ),
     FamilySpec(name="ijepa", model_types=("ijepa",), num_prefix_tokens=_no_prefix, has_cls=False, **_VIT_LIKE),
-    FamilySpec(name="vit_mae", model_types=("vit_mae",), spatial_heads=("ViTMAEForPreTraining",), **_VIT_LIKE),
+    FamilySpec(
+        name="vit_mae",
+        model_types=("vit_mae",),
+        spatial_heads=("ViTMAEForPreTraining",),
+        random_patch_order=True,
+        **_VIT_LIKE,
+    ),
     FamilySpec(name="dinov2", model_types=("dinov2",), **_DINO),
     FamilySpec(
         name="dinov2_with_registers",
@@ -158,7 +170,9 @@ for _spec in (
         patch_embedding="patch_embeddings",
         position_embeddings=None,
     ),
-    FamilySpec(name="clip", model_types=("clip_vision_model",), strip_at="encoder", **_CLIP_LIKE),
+    FamilySpec(
+        name="clip", model_types=("clip_vision_model",), strip_at="encoder", final_norm="post_layernorm", **_CLIP_LIKE
+    ),
     FamilySpec(
         name="siglip",
         model_types=("siglip_vision_model",),
@@ -284,6 +298,12 @@ class VisionTower:
         owner, _, name = self.spec.position_embeddings.rpartition(".")
         table = getattr(self.embeddings.get_submodule(owner) if owner else self.embeddings, name)
         return table.weight if isinstance(table, nn.Embedding) else table
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last block (see ``FamilySpec.final_norm``): its output is the tower's final
+        normed tokens."""
+        return self.submodule(self.spec.final_norm or self.spec.strip_at)
 
     def mlp_out_proj(self, block: nn.Module) -> nn.Module:
         """The MLP output projection of ``block``; its input is the MLP hidden activation."""

@@ -35,6 +35,7 @@ def capture(
     *,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stop: bool = False,
+    detach: bool = True,
 ) -> Iterator[dict[nn.Module, torch.Tensor]]:
     """Keep the hidden states that ``outputs`` return and that ``inputs`` receive (their first positional argument)
     in forward passes run inside the ``with`` block, by module; each module's last call wins. The hooks are removed
@@ -46,13 +47,15 @@ def capture(
         reduce: Applied to each tensor before it is kept (e.g. token norms, so the full states need not be).
         stop: End the forward pass as soon as every module was captured (the rest of the model does not run; for a
             single forward pass).
+        detach: Keep the tensors out of the autograd graph; ``False`` keeps them in it, to train through them.
     """
     captured: dict[nn.Module, torch.Tensor] = {}
     count = len(outputs) + len(inputs)
 
     def keep(module: nn.Module, value: Any) -> None:
         tensor = hidden_states(value)
-        captured[module] = (reduce(tensor) if reduce is not None else tensor).detach()
+        kept = reduce(tensor) if reduce is not None else tensor
+        captured[module] = kept.detach() if detach else kept
         if stop and len(captured) == count:
             raise _Stop
 

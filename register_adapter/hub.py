@@ -152,6 +152,7 @@ def render_model_card(
             method_description=METHODS[config.method],
             strip_registers="yes" if config.strip_registers else "no",
             lora=lora,
+            unlocked=", ".join(name.replace("_", " ") for name in config.unlocked_weights or []),
             modules_to_save=", ".join(f"`{name}`" for name in config.modules_to_save or []),
             load_class=load_class,
             load_kwargs=load_kwargs,

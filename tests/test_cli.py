@@ -10,7 +10,7 @@ def test_unknown_command_exits_2_with_usage(capsys):
     assert main(["frobnicate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(
-        "register-adapter: unknown command 'frobnicate'\n\nusage: register-adapter {demo,train,diagnose,find-neurons} ..."
+        "register-adapter: unknown command 'frobnicate'\n\nusage: register-adapter {demo,train,distill,diagnose,find-neurons} ..."
     )
 
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -19,6 +16,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_data import BAD_LABELS, COLOURS, make_image, make_image_folder, save_labelled_dataset
+from testing_common import killed_run, run_script
 
 from register_adapter import RegisterLayer
 from register_adapter.cli import main as cli_main
@@ -26,7 +24,6 @@ from register_adapter.errors import DataError, InvalidConfigError, UnsupportedMo
 from register_adapter.tiny import TINY_MODELS, build_tiny_model
 from register_adapter.training.classification import check_metric_for_best_model, parse_args, train
 
-ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
@@ -206,29 +203,6 @@ def test_lora_registers_and_head_are_one_adapter_that_from_pretrained_restores_w
 
 KILL_AT_STEP = 4
 
-KILLED_RUN = """
-import os, signal, sys
-from transformers import TrainerCallback
-import register_adapter.training.classification as train_module
-from register_adapter.cli import main
-
-
-class KillAfterCheckpoint(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == {step}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class KilledTrainer(train_module.Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_callback(KillAfterCheckpoint())
-
-
-train_module.Trainer = KilledTrainer
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
-
 
 @pytest.mark.slow
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_registers(tmp_path):
@@ -239,12 +213,8 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_registers(tmp_path):
     reference = run(data, tmp_path / "reference", *schedule)
 
     killed = tmp_path / "killed"
-    script = tmp_path / "killed_run.py"
-    script.write_text(KILLED_RUN.format(step=KILL_AT_STEP))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.run(
-        [sys.executable, str(script), *cli_args(data, killed, *schedule)], env=env, capture_output=True, text=True
-    )
+    source = killed_run("train", "register_adapter.training.classification", "Trainer", KILL_AT_STEP)
+    process = run_script(source, tmp_path, *cli_args(data, killed, *schedule))
     assert process.returncode == -9, process.stderr[-3000:]
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-2",

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from test_data import make_image_folder
 from test_train import cli_args, registers, saved_registers
+from testing_common import run_script
 
 from register_adapter.training.classification import parse_args, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Runs `register-adapter train` exactly as `torchrun -m register_adapter.cli train` does, and records what each rank
 # holds at the end of training and how many images it opened in the check before training.
@@ -71,15 +66,11 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
 
     records = tmp_path / "records"
     records.mkdir()
-    script = tmp_path / "recording_run.py"
-    script.write_text(RECORDING_RUN)
     out = tmp_path / "ddp"
     args = cli_args(data, out, *schedule, "--ddp_backend", "gloo")
     for flag in ("--per_device_train_batch_size", "--per_device_eval_batch_size"):
         args[args.index(flag) + 1] = "2"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    process = subprocess.run([*launcher, str(script), str(records), *args], env=env, capture_output=True, text=True)
+    process = run_script(RECORDING_RUN, tmp_path, str(records), *args, processes=2)
     assert process.returncode == 0, process.stderr[-4000:]
     # Each rank left `main` with its process group destroyed, so no gloo thread outlives the interpreter. Rank 0
     # opened the 16 images once; rank 1 used what it found instead of decoding them again.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -117,3 +121,48 @@ def planted_model(family: str):
     from register_adapter.testing import make_artifact_model
 
     return make_artifact_model(family)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(source: str, folder: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    """Run the Python ``source`` with ``args`` in a fresh process (with ``processes`` > 1, that many under
+    ``torchrun --standalone``), offline, with this checkout importable."""
+    script = folder / "script.py"
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True)
+
+
+# A `register-adapter` command whose trainer kills its process with SIGKILL right after saving a checkpoint.
+KILLED_RUN = """
+import os, signal, sys
+from transformers import TrainerCallback
+import {module} as module
+from register_adapter.cli import main
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledTrainer(module.{trainer}):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(KillAfterCheckpoint())
+
+
+module.{trainer} = KilledTrainer
+sys.exit(main(["{command}", *sys.argv[1:]]))
+"""
+
+
+def killed_run(command: str, module: str, trainer: str, step: int) -> str:
+    """The source of a ``register-adapter command`` run whose ``module.trainer`` is killed after checkpoint ``step``."""
+    return KILLED_RUN.format(command=command, module=module, trainer=trainer, step=step)

@@ -2,6 +2,7 @@
 
     register-adapter demo [--model NAME_OR_PATH] [--steps N] [--out DIR]
     register-adapter train --model M --train_dir DIR --output_dir OUT [RegisterConfig and TrainingArguments flags]
+    register-adapter distill --model M --train_dir DIR --output_dir OUT [PHRegConfig and TrainingArguments flags]
     register-adapter diagnose --model M [--adapter A] IMAGE_OR_DIR... --out DIR
     register-adapter find-neurons --model M IMAGE_OR_DIR... --out DIR [--push_to_hub ID] [search settings]
 
@@ -18,6 +19,10 @@ import sys
 COMMANDS = {
     "demo": ("register_adapter.cli.demo", "add registers to a model, train them a few steps, save and reload"),
     "train": ("register_adapter.cli.train", "train registers (and a head, optionally LoRA) with the HF Trainer"),
+    "distill": (
+        "register_adapter.cli.distill",
+        "distill registers into a frozen model from unlabelled images (PH-Reg)",
+    ),
     "diagnose": ("register_adapter.cli.diagnose", "find artifact tokens and draw them"),
     "find-neurons": (
         "register_adapter.cli.find_neurons",

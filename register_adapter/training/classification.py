@@ -53,7 +53,14 @@ from .arguments import (
 from .augment import ImageClassificationTransform, apply_transforms
 from .data import LABEL_COLUMN, load_image_dataset, take_samples
 from .metrics import TOP_K, ClassificationMetrics, metric_names, top_k_predictions
-from .runtime import check_images_once, check_resume_config, prepare_push, publish, resolve_checkpoint
+from .runtime import (
+    check_images_once,
+    check_resume_config,
+    prepare_push,
+    publish,
+    resolve_checkpoint,
+    run_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,21 +180,14 @@ def check_metric_for_best_model(name: str | None, num_labels: int) -> None:
 def _training_summary(
     model_args: ModelArguments, register_args: Any, args: TrainingArguments, splits: datasets.DatasetDict, world: int
 ) -> dict[str, Any]:
-    summary = {
+    return {
         "base model": model_args.model,
         **dataclasses.asdict(register_args),
         "training images": len(splits["train"]),
         "validation images": len(splits["validation"]) if "validation" in splits else 0,
         "classes": splits["train"].features[LABEL_COLUMN].num_classes,
-        "learning rate": args.learning_rate,
-        "global batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
-        "max steps": args.max_steps if args.max_steps > 0 else None,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "processes": world,
-        "seed": args.seed,
+        **run_summary(args, world),
     }
-    return {k: v for k, v in summary.items() if v is not None}
 
 
 def _evaluated_on(data_args: ClassificationDataArguments) -> EvalSetting:

@@ -91,6 +91,27 @@ def _comparable(value: Any) -> Any:
     return sorted(value) if isinstance(value, (list, tuple, set)) else value
 
 
+def precision(training_args: TrainingArguments) -> str:
+    """The mixed precision of a run: ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+
+
+def run_summary(training_args: TrainingArguments, processes: int) -> dict[str, Any]:
+    """The rows every training command's model card shows about the run: learning rate, global batch size, epochs
+    or steps, precision, processes, seed."""
+    args = training_args
+    summary = {
+        "learning rate": args.learning_rate,
+        "global batch size": args.per_device_train_batch_size * args.gradient_accumulation_steps * processes,
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+        "max steps": args.max_steps if args.max_steps > 0 else None,
+        "precision": precision(args),
+        "processes": processes,
+        "seed": args.seed,
+    }
+    return {k: v for k, v in summary.items() if v is not None}
+
+
 def create_hub_repo(training_args: TrainingArguments) -> str:
     """Create (or find) the Hub repository that ``--push_to_hub`` uploads to, so a push that cannot work stops the run
     before training rather than after it. Returns the repository id.
@@ -145,14 +166,20 @@ def prepare_push(training_args: TrainingArguments) -> str | None:
 
 
 def check_images_once(
-    splits: datasets.DatasetDict | dict[str, datasets.Dataset], data_args: Any, training_args: TrainingArguments
+    splits: datasets.DatasetDict | dict[str, datasets.Dataset],
+    data_args: Any,
+    training_args: TrainingArguments,
+    *,
+    find_problems: Callable[[datasets.Dataset], dict[int, str]] | None = None,
 ) -> None:
     """Open every image once, on the main process, and apply ``--on_bad_image`` on every process.
 
     ``main_process_first`` would only order the processes: a dataset built in memory (an image folder) has no cache
     file for ``datasets`` to share, so every process would decode every image again. Instead the main process reads
     them and sends the unreadable ones to the others, which then keep or refuse exactly the same images. Every split
-    is read before any is refused, so one error lists the unreadable images of all of them. ``data_args`` gives ``image_check``, ``on_bad_image`` and ``preprocessing_num_workers``.
+    is read before any is refused, so one error lists the unreadable images of all of them. ``data_args`` gives
+    ``image_check``, ``on_bad_image`` and ``preprocessing_num_workers``; ``find_problems`` finds further images a
+    command cannot use (row -> reason), treated as the unreadable ones.
     """
     problems: dict[str, dict[int, str]] = {}
     if training_args.process_index == 0:
@@ -160,6 +187,8 @@ def check_images_once(
             problems[name] = find_unreadable_images(
                 split, check=data_args.image_check, split=name, num_proc=data_args.preprocessing_num_workers
             )
+            if find_problems is not None:
+                problems[name] = {**find_problems(split), **problems[name]}
     if training_args.world_size > 1:
         problems = broadcast_object_list([problems])[0]
     splits.update(drop_unreadable_in_splits(dict(splits), problems, on_bad_image=data_args.on_bad_image))

@@ -14,6 +14,8 @@ from ..errors import InvalidConfigError
 from ..peft_integration import PEFT_PREFIX, REGISTERS
 
 INIT_METHODS = ("normal", "zeros", "scaled_randn")
+#: The weights a register adapter can unlock (see :mod:`register_adapter.tuner.unlocked`), in config order.
+UNLOCKABLE_WEIGHTS = ("position_embeddings", "patch_embedding", "last_block")
 #: How registers were obtained, and how model cards describe it.
 METHODS = {
     "trained": "trained registers ([arXiv 2309.16588](https://arxiv.org/abs/2309.16588))",
@@ -75,6 +77,9 @@ class RegisterConfig(PeftConfig):
         keep_cls: Keep the register neurons' activation on CLS (and DeiT's distillation token), as the public code
             does; by default (``False``, the paper) every token but the registers gets 0.
         neuron_source: How the register neurons were found, in words; shown in the model card.
+        unlocked_weights: Weights of the vision tower that the adapter trains a copy of, as PH-Reg does (see
+            :mod:`register_adapter.tuner.unlocked`): any of ``"position_embeddings"``, ``"patch_embedding"``,
+            ``"last_block"``. The base model's own weights never change.
 
     Example:
 
@@ -151,6 +156,13 @@ class RegisterConfig(PeftConfig):
     neuron_source: str | None = field(
         default=None, metadata={"help": "How the register neurons were found, in words; shown in the model card."}
     )
+    unlocked_weights: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Weights of the vision tower the adapter trains a copy of: any of "
+            f"{', '.join(UNLOCKABLE_WEIGHTS)}."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,6 +184,7 @@ class RegisterConfig(PeftConfig):
         if self.labels is not None:
             self.labels = _class_names(self.labels)
         self._check_test_time()
+        self._check_unlocked_weights()
 
     def _check_test_time(self) -> None:
         """Validate the test-time register fields; neuron lists read from JSON become lists of tuples."""
@@ -192,6 +205,21 @@ class RegisterConfig(PeftConfig):
                 f"register_neurons belong to test-time registers: set method='test-time' (got {self.method!r}), or "
                 "use register_adapter.add_test_time_registers, which does."
             )
+
+    def _check_unlocked_weights(self) -> None:
+        """Keep ``unlocked_weights`` as a list in the order of ``UNLOCKABLE_WEIGHTS`` (``None`` when empty)."""
+        unlocked = [self.unlocked_weights] if isinstance(self.unlocked_weights, str) else self.unlocked_weights or []
+        unknown = [name for name in unlocked if name not in UNLOCKABLE_WEIGHTS]
+        if unknown:
+            raise InvalidConfigError(
+                f"unlocked_weights must hold names from {', '.join(UNLOCKABLE_WEIGHTS)}, got {unknown!r}."
+            )
+        if self.lora_r and "last_block" in unlocked:
+            raise InvalidConfigError(
+                f"lora_r={self.lora_r} with 'last_block' in unlocked_weights: the last block is trained whole, so LoRA "
+                "on it has nothing to add. Use one of the two (lora_r=0, or leave last_block out)."
+            )
+        self.unlocked_weights = [name for name in UNLOCKABLE_WEIGHTS if name in unlocked] or None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

@@ -21,6 +21,7 @@ from .layer import MERGE_MESSAGE, RegisterLayer
 from .lora import add_lora, check_lora_targets, lora_pattern
 from .neurons import add_neuron_layer, check_lora_overlap, neuron_targets
 from .placement import check_movable, keep_saved_modules, move_tower_keys, size_heads
+from .unlocked import UnlockedLayer, check_unlockable, embedding_weight_names, last_block_key
 
 
 class RegisterModel(BaseTuner):
@@ -62,15 +63,19 @@ class RegisterModel(BaseTuner):
             # model's tower) by _remap_adapter_state_dict_for_load.
             check_movable(self.model, tower, peft_config)
         keep_saved_modules(self.model, peft_config)
-        peft_config.target_modules = re.escape(tower.key(tower.spec.embeddings))
+        targets = [re.escape(tower.key(tower.spec.embeddings))]
+        unlocked = peft_config.unlocked_weights or []
+        check_unlockable(tower, unlocked)
+        if "last_block" in unlocked:
+            targets.append(re.escape(last_block_key(tower)))
         neurons = neuron_targets(tower, peft_config)  # AdapterMismatchError for neurons the model lacks
         if peft_config.lora_r:
             check_lora_targets(tower, peft_config.lora_target_modules)
             lora = lora_pattern(tower.key(tower.spec.layers), peft_config.lora_target_modules)
             check_lora_overlap(neurons, lora)
-            peft_config.target_modules = f"{peft_config.target_modules}|{lora}"
-        if neurons:
-            peft_config.target_modules = "|".join([peft_config.target_modules, *map(re.escape, neurons)])
+            targets.append(lora)
+        targets += map(re.escape, neurons)
+        peft_config.target_modules = "|".join(targets)
         return peft_config
 
     def _prepare_model(self, peft_config: RegisterConfig, model: nn.Module) -> None:
@@ -108,6 +113,10 @@ class RegisterModel(BaseTuner):
             if new_layer is not None:
                 self._replace_module(parent, target_name, new_layer, target)
             return
+        if current_key == last_block_key(tower):
+            block = target.get_base_layer() if isinstance(target, UnlockedLayer) else target
+            self._unlock(target, adapter_name, [name for name, _ in block.named_parameters()], parent, target_name)
+            return
         if current_key != tower.key(tower.spec.embeddings):
             new_lora = add_lora(target, adapter_name, peft_config, current_key)
             if new_lora is not None:
@@ -115,14 +124,49 @@ class RegisterModel(BaseTuner):
                     new_lora.requires_grad_(False)
                 self._replace_module(parent, target_name, new_lora, target)
             return
+        unlocked = embedding_weight_names(tower, peft_config.unlocked_weights or [])
         if isinstance(target, RegisterLayer):
+            if unlocked:  # the copies sit between the register layer and the embeddings
+                self._unlock(target.base_layer, adapter_name, unlocked, target, "base_layer")
             target.update_layer(adapter_name, peft_config)
             return
+        if unlocked:
+            target = self._unlock(target, adapter_name, unlocked)
         is_backbone = isinstance(self.model, BackboneMixin)
         new_module = RegisterLayer(target, adapter_name, peft_config, tower, is_backbone=is_backbone)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
+
+    def _unlock(
+        self,
+        target: nn.Module,
+        adapter_name: str,
+        names: list[str],
+        parent: nn.Module | None = None,
+        target_name: str = "",
+    ) -> UnlockedLayer:
+        """Give ``adapter_name`` trainable copies of the parameters ``names`` of ``target`` (see
+        :class:`UnlockedLayer`), put in place of ``target`` in ``parent`` when given."""
+        if isinstance(target, UnlockedLayer):
+            target.update_layer(adapter_name, names)
+            return target
+        layer = UnlockedLayer(target, adapter_name, names)
+        if adapter_name not in self.active_adapters:
+            layer.requires_grad_(False)
+        if parent is not None:
+            setattr(parent, target_name, layer)
+        return layer
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Unlocked copies keep their dotted names inside the wrapped module
+        # (``unlocked_weights.<adapter>.patch_embeddings.projection.weight``); PEFT drops an adapter name only from the
+        # last two places of a key. Loading inverts this same mapping, so saving and loading stay symmetric.
+        marker = f".{UnlockedLayer.adapter_layer_names[0]}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f".{UnlockedLayer.adapter_layer_names[0]}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     def _check_merge_allowed(self) -> None:
         raise MergeNotSupportedError(MERGE_MESSAGE)
@@ -139,11 +183,17 @@ class RegisterModel(BaseTuner):
     ) -> nn.Module:
         if merge:
             self._check_merge_allowed()
+        replaced: list[str] = []  # a register layer may wrap an unlocked layer: the outer one unloads both
         for key, module in list(self.model.named_modules()):
+            if not isinstance(module, (RegisterLayer, UnlockedLayer)) or any(
+                key.startswith(f"{r}.") for r in replaced
+            ):
+                continue
             if isinstance(module, RegisterLayer):
                 module.remove_hooks()
-                parent, _, target_name = _get_submodules(self.model, key)
-                setattr(parent, target_name, module.base_layer)
+            parent, _, target_name = _get_submodules(self.model, key)
+            setattr(parent, target_name, module.get_base_layer())
+            replaced.append(key)
         # LoRA layers go back to their base layers, a ModulesToSaveWrapper to its trained copy.
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
