@@ -57,7 +57,7 @@ def test_outputs_keep_the_base_model_shapes(name, task, config):
 
 
 @pytest.mark.parametrize(("name", "task", "config"), MATRIX, ids=MATRIX_IDS)
-def test_disable_adapter_gives_the_base_model_outputs(name, task, config):
+def test_disable_adapter_and_unload_give_the_base_model_outputs(name, task, config):
     base, model = adapted(name, task, config)
     inputs = make_inputs(name)
     train_steps(model, inputs)  # LoRA starts as the identity: train it so that disabling it matters
@@ -67,6 +67,10 @@ def test_disable_adapter_gives_the_base_model_outputs(name, task, config):
         expected = base(**inputs)
         assert max_diff(model(**inputs), expected) > 1e-4
     assert max_diff(got, expected) == 0.0
+    restored = model.unload()  # every tuner layer replaced by the module it wrapped
+    assert [type(m) for m in restored.modules()] == [type(m) for m in base.modules()]
+    with torch.no_grad():
+        assert max_diff(restored(**inputs), expected) == 0.0
 
 
 @pytest.mark.parametrize(("name", "task", "config"), MATRIX, ids=MATRIX_IDS)

@@ -11,9 +11,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
-from testing_common import build, make_inputs, max_diff, planted_model
+from testing_common import build, make_inputs, planted_model
 
 from register_adapter import add_registers, find_vision_tower
 from register_adapter.errors import InvalidConfigError, UnsupportedModelError
@@ -174,18 +173,10 @@ def distill_steps(student, name: str, steps: int = 3) -> None:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_distilled_adapter_is_exactly_restored_disabled_and_unloaded(name, tmp_path):
+def test_the_saved_adapter_holds_the_registers_and_the_unlocked_copies_only(name, tmp_path):
+    """Restored, disabled and unloaded exactly: see the adapter matrix in test_adapter.py."""
     base, student = student_and_base(name)
     distill_steps(student, name)
-    inputs = make_inputs(name)
-    student.eval()
-    with torch.no_grad():
-        expected, distilled = base(**inputs), student(**inputs)
-        with student.disable_adapter():
-            disabled = student(**inputs)
-    assert max_diff(disabled, expected) == 0.0  # the teacher is the base model
-    assert max_diff(distilled, expected) > 1e-4
-
     student.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     tower = find_vision_tower(base)
@@ -202,15 +193,6 @@ def test_distilled_adapter_is_exactly_restored_disabled_and_unloaded(name, tmp_p
     last = f"base_model.model.{tower.key(tower.spec.layers)}.{len(tower.blocks) - 1}.unlocked_weights."
     expected_keys |= {last + n for n, _ in tower.blocks[-1].named_parameters()}
     assert set(saved) == expected_keys  # only what was unlocked, nothing of the base model
-
-    restored = PeftModel.from_pretrained(build(name, "base"), tmp_path)
-    with torch.no_grad():
-        assert max_diff(restored(**inputs), distilled) == 0.0
-    with torch.no_grad():
-        assert max_diff(student.unload()(**inputs), expected) == 0.0  # unload() gives the base model back
-    assert sorted(n for n, _ in student.get_base_model().named_parameters()) == sorted(
-        n for n, _ in base.named_parameters()
-    )
 
 
 def test_the_text_tower_of_clip_is_untouched():

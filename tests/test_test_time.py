@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from testing_common import UNSUPPORTED, ForwardCounter, hidden_patch_norms, make_inputs, max_diff, planted_model
+from testing_common import UNSUPPORTED, ForwardCounter, hidden_patch_norms, make_inputs, planted_model
 
 from register_adapter import (
     AdapterMismatchError,
@@ -177,11 +177,10 @@ def test_the_edit_is_algorithm_2_for_each_image(family, mode, keep_cls, num_regi
 @pytest.mark.parametrize("name", [name for name in TINY_MODELS if name not in UNSUPPORTED])
 def test_every_family_gets_the_edit_on_its_mlp_activation(name):
     """GELU and SwiGLU MLPs (DINOv3's down_proj, AIMv2's gated ffn), every token layout, full CLIP, ViTMAE's masking:
-    the hooked projection receives Algorithm 2's edit, and disable_adapter() gives the base outputs exactly."""
+    the hooked projection receives Algorithm 2's edit (disable_adapter, save and reload: the adapter matrix in
+    test_adapter.py)."""
     model = build_tiny_model(name).requires_grad_(False)  # frozen, as PEFT freezes it (MultiheadAttention's fast path)
     inputs = make_inputs(name)
-    with torch.no_grad():
-        expected = model(**inputs)
     model = add_test_time_registers(model, [(1, 3), (0, 5), (1, 7)], 2)
     assert not model.training  # the mode it was given, unlike get_peft_model
     tower = find_vision_tower(model)
@@ -190,8 +189,6 @@ def test_every_family_gets_the_edit_on_its_mlp_activation(name):
         model(**inputs)
     edited = reference_edit(captured[layer], [(3, 0), (7, 2)], tower.num_prefix_tokens, 2, "neuron_max", 0)
     assert torch.equal(captured[layer.base_layer], edited)
-    with torch.no_grad(), model.disable_adapter():
-        assert max_diff(model(**inputs), expected) == 0.0
 
 
 @pytest.mark.parametrize(

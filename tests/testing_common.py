@@ -23,6 +23,12 @@ CASE_IDS = [f"{name}-{task}" for name, task in CASES]
 ADAPTER_CONFIGS = {
     "registers": {"init": "scaled_randn"},
     "registers+lora": {"init": "scaled_randn", "lora_r": 2},
+    "test-time": {"method": "test-time", "register_neurons": [(1, 3), (0, 5)], "init": "scaled_randn"},
+    "distilled": {
+        "method": "distilled",
+        "init": "scaled_randn",
+        "unlocked_weights": ["patch_embedding", "last_block"],
+    },
 }
 MATRIX = [(name, task, config) for name, task in CASES for config in ADAPTER_CONFIGS]
 MATRIX_IDS = [f"{name}-{task}-{config}" for name, task, config in MATRIX]
