@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +28,6 @@ from torch import nn
 
 from ..architectures import find_vision_tower
 from ..diagnostics.artifacts import ArtifactReport, check_layer, find_artifacts
-from ..diagnostics.thresholds import check_threshold
 from ..diagnostics.viz import (
     artifact_panel,
     before_after,
@@ -42,29 +37,13 @@ from ..diagnostics.viz import (
     patch_views,
     save_png,
 )
-from ..errors import InvalidConfigError, RegisterAdapterError
+from ..errors import InvalidConfigError
 from ..loading import first_line, load_model
 from ..pixels import as_pixel_values
 from ..sources import find_image_files
+from .options import check_out, layer, non_negative, positive, report_errors, threshold
 
 BEFORE_AFTER_IMAGES = 4  # image rows of before_after.png
-
-
-def check_out(out: Path) -> None:
-    """``--out`` must be a folder or creatable as one; it is created only when the results are written.
-
-    Raises:
-        InvalidConfigError: ``out`` or a folder above it is a file, or the nearest existing folder is not writable.
-    """
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InvalidConfigError(f"Cannot write to --out '{out}': '{existing}' is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InvalidConfigError(
-            f"Cannot write to --out '{out}': no permission to write in '{existing}'. Choose a folder you can write to."
-        )
 
 
 def _write_pictures(
@@ -150,47 +129,6 @@ def _summary(name: str, report: ArtifactReport) -> str:
     )
 
 
-def _threshold(value: str) -> float | str:
-    try:
-        rule: float | str = float(value)
-    except ValueError:
-        rule = value
-    try:
-        return check_threshold(rule)
-    except InvalidConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
-def _whole_number(value: str) -> int | None:
-    try:
-        return int(value)
-    except ValueError:
-        return None
-
-
-def _layer(value: str) -> int:
-    layer = _whole_number(value)
-    if layer is None or layer == 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number other than 0 (1 = first block output, -1 = last); got {value!r}."
-        )
-    return layer
-
-
-def _batch_size(value: str) -> int:
-    size = _whole_number(value)
-    if size is None or size < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more; got {value!r}.")
-    return size
-
-
-def _panel_count(value: str) -> int:
-    count = _whole_number(value)
-    if count is None or count < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more; got {value!r}.")
-    return count
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="register-adapter diagnose",
@@ -207,36 +145,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder for report.json and the PNG files")
     parser.add_argument(
         "--layer",
-        type=_layer,
+        type=layer,
         default=None,
         help="layer of the per-image maps (1 = first block output, -1 = last; default: last)",
     )
     parser.add_argument(
         "--threshold",
-        type=_threshold,
+        type=threshold,
         default="auto",
         help="'auto' (bimodal split, default), a number, or 'mean+<k>std' such as 'mean+3std'",
     )
-    parser.add_argument("--batch-size", type=_batch_size, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=positive, default=8, help="images per forward pass (default 8)")
     parser.add_argument(
-        "--max-panels", type=_panel_count, default=8, help="draw a panel for at most this many images (default 8)"
+        "--max-panels",
+        type=non_negative,
+        default=8,
+        help="draw a panel for at most this many images (default 8)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
-def run_command(command: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Run ``register-adapter <command>`` with logging to stderr; bad input (a ``RegisterAdapterError``) ends it
-    with one ``error:`` line on stderr and exit status 2."""
-    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stderr)])
-    try:
-        run(args)
-    except RegisterAdapterError as error:
-        sys.stderr.write(f"register-adapter {command}: error: {error}\n")
-        return 2
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """``register-adapter diagnose``: returns an exit status (2 for bad input)."""
-    return run_command("diagnose", run, parse_args(argv))
+    return report_errors("diagnose", run, parse_args(argv))

@@ -33,8 +33,8 @@ from ..methods.test_time import SCORES, add_test_time_registers, find_register_n
 from ..pixels import as_pixel_values
 from ..sources import find_image_files
 from ..tuner.config import NEURON_MODES
-from .diagnose import BEFORE_AFTER_IMAGES, _threshold, _whole_number, check_out, run_command
-from .diagnose import _batch_size as _count
+from .diagnose import BEFORE_AFTER_IMAGES
+from .options import check_out, positive, report_errors, threshold, whole_number
 
 REPORT_NAME = "neurons.json"
 PICTURE_NAME = "before_after.png"
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def _block(value: str) -> int:
-    block = _whole_number(value)
+    block = whole_number(value)
     if block is None:
         raise argparse.ArgumentTypeError(f"must be a block index (0 = first block, -1 = last); got {value!r}.")
     return block
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload the adapter to this Hub repository")
     parser.add_argument(
         "--threshold",
-        type=_threshold,
+        type=threshold,
         default="auto",
         help="'auto' (bimodal split, default), a number (150 for DINOv2 ViT-L), or 'mean+<k>std'",
     )
@@ -134,21 +134,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--top_layer", type=_block, help="last block whose neurons are candidates (default: the first with outliers)"
     )
     parser.add_argument(
-        "--top_k", type=_count, help="number of register neurons (default: the fewest that leave no outliers)"
+        "--top_k",
+        type=positive,
+        help="number of register neurons (default: the fewest that leave no outliers)",
     )
     parser.add_argument("--score", choices=list(SCORES), default="mean", help="mean (paper, default) or mean_abs")
-    parser.add_argument("--num_register_tokens", type=_count, default=1, help="test-time registers (default 1)")
+    parser.add_argument("--num_register_tokens", type=positive, default=1, help="test-time registers (default 1)")
     parser.add_argument(
         "--mode", choices=list(NEURON_MODES), default="neuron_max", help="the edit (default neuron_max)"
     )
     parser.add_argument(
         "--keep_cls", action="store_true", help="keep the neurons' activation on CLS (public code; default: zero it)"
     )
-    parser.add_argument("--batch_size", type=_count, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--batch_size", type=positive, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``register-adapter find-neurons``: returns an exit status (2 for bad input)."""
-    return run_command("find-neurons", run, parse_args(argv))
+    return report_errors("find-neurons", run, parse_args(argv))
