@@ -21,7 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..sources import BAD_IMAGE_POLICIES, IMAGE_CHECKS
 from ..tiny import supported_tiny_models
-from ..tuner.config import INIT_METHODS
+from ..tuner.config import INIT_METHODS, RegisterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -102,25 +102,26 @@ class ImageDataArguments:
     )
 
 
+def config_field(name: str, **metadata: Any) -> Any:
+    """The ``RegisterConfig`` field ``name`` as a flag: its default and help (``metadata`` adds to them)."""
+    source = RegisterConfig.__dataclass_fields__[name]
+    metadata = {**source.metadata, **metadata}
+    if source.default_factory is not dataclasses.MISSING:
+        return field(default_factory=source.default_factory, metadata=metadata)
+    return field(default=source.default, metadata=metadata)
+
+
 @dataclass
 class RegisterArguments:
     """The register-adapter settings a user chooses on the command line (fields of ``RegisterConfig``)."""
 
-    num_register_tokens: int = field(default=4, metadata={"help": "Number of register tokens to add."})
-    init: str = choice(INIT_METHODS, f"Initialisation of the register tokens, one of {', '.join(INIT_METHODS)}.")
-    strip_registers: bool = field(
-        default=True,
-        metadata={"help": "Remove the registers from last_hidden_state and everything computed from it."},
-    )
-    lora_r: int = field(
-        default=0, metadata={"help": "Rank of LoRA on the vision tower's attention projections; 0 for no LoRA."}
-    )
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the LoRA branch."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Names of the linear layers in each block that get LoRA."},
-    )
+    num_register_tokens: int = config_field("num_register_tokens")
+    init: str = config_field("init", choices=list(INIT_METHODS))
+    strip_registers: bool = config_field("strip_registers")
+    lora_r: int = config_field("lora_r")
+    lora_alpha: int = config_field("lora_alpha")
+    lora_dropout: float = config_field("lora_dropout")
+    lora_target_modules: list[str] = config_field("lora_target_modules")
 
 
 @dataclass
