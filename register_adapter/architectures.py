@@ -105,11 +105,12 @@ _CLIP_LIKE = {
     "patch_embedding": "patch_embedding",
     "position_embeddings": "position_embedding",
 }
+# DINOv2's MLP is fc1 -> GELU -> fc2, or with use_swiglu_ffn (ViT-g) gate_proj/up_proj -> SiLU gate -> down_proj.
 _DINO = {
     "layers": "encoder.layer",
     "strip_at": "layernorm",
     "encoder": "encoder",
-    "mlp_out_proj": ("mlp.fc2", "mlp.weights_out"),
+    "mlp_out_proj": ("mlp.fc2", "mlp.down_proj"),
 }
 
 FAMILIES: dict[str, FamilySpec] = {}

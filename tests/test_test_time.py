@@ -174,12 +174,19 @@ def test_the_edit_is_algorithm_2_for_each_image(family, mode, keep_cls, num_regi
     assert torch.equal(captured[layer.base_layer], expected)
 
 
-@pytest.mark.parametrize("name", [name for name in TINY_MODELS if name not in UNSUPPORTED])
-def test_every_family_gets_the_edit_on_its_mlp_activation(name):
-    """GELU and SwiGLU MLPs (DINOv3's down_proj, AIMv2's gated ffn), every token layout, full CLIP, ViTMAE's masking:
-    the hooked projection receives Algorithm 2's edit (disable_adapter, save and reload: the adapter matrix in
-    test_adapter.py)."""
-    model = build_tiny_model(name).requires_grad_(False)  # frozen, as PEFT freezes it (MultiheadAttention's fast path)
+SWIGLU = {"use_swiglu_ffn": True}  # DINOv2 ViT-g's MLP: gate_proj, up_proj -> SiLU gate -> down_proj
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [(name, {}) for name in TINY_MODELS if name not in UNSUPPORTED]
+    + [("tiny-dinov2", SWIGLU), ("tiny-dinov2-with-registers", SWIGLU)],
+)
+def test_every_family_gets_the_edit_on_its_mlp_activation(name, overrides):
+    """GELU and SwiGLU MLPs (DINOv3's down_proj, AIMv2's gated ffn, DINOv2's use_swiglu_ffn), every token layout, full
+    CLIP, ViTMAE's masking: the hooked projection receives Algorithm 2's edit (disable_adapter, save and reload: the
+    adapter matrix in test_adapter.py)."""
+    model = build_tiny_model(name, **overrides).requires_grad_(False)  # frozen, as PEFT freezes it (MHA's fast path)
     inputs = make_inputs(name)
     model = add_test_time_registers(model, [(1, 3), (0, 5), (1, 7)], 2)
     assert not model.training  # the mode it was given, unlike get_peft_model
@@ -189,6 +196,32 @@ def test_every_family_gets_the_edit_on_its_mlp_activation(name):
         model(**inputs)
     edited = reference_edit(captured[layer], [(3, 0), (7, 2)], tower.num_prefix_tokens, 2, "neuron_max", 0)
     assert torch.equal(captured[layer.base_layer], edited)
+    if overrides:
+        assert tower.mlp_out_proj_path(tower.blocks[1]) == "mlp.down_proj"
+
+
+@pytest.mark.parametrize("name", ["tiny-dinov2", "tiny-dinov2-with-registers"])
+def test_a_swiglu_dinov2_is_searched_at_its_gated_activation(name):
+    """The scores are the mean of down_proj's input (the SiLU-gated product, 88 units wide for hidden size 32) at the
+    patch tokens above a fixed threshold: the 1 % largest norms at the output of block 1."""
+    model = build_tiny_model(name, **SWIGLU)
+    pixel_values = make_inputs(name, batch_size=6)["pixel_values"]
+    norms = hidden_patch_norms(model, pixel_values, 15 * 15)  # (L, B, N)
+    threshold = float(norms[1].flatten().quantile(0.99))
+    result = find_register_neurons(
+        model, pixel_values, threshold=threshold, outlier_layer=1, top_layer=1, top_k=3, batch_size=4, progress=False
+    )
+    tower = find_vision_tower(model)
+    projections = [block.mlp.down_proj for block in tower.blocks]
+    with torch.no_grad(), capture(inputs=projections) as captured:
+        tower.module(pixel_values=pixel_values)
+    outliers = norms[1] > threshold  # (B, N)
+    expected = torch.stack([captured[p][:, -15 * 15 :][outliers] for p in projections]).mean(1)  # (2, 88)
+    assert expected.shape == (2, 88) and result.num_outliers == int(outliers.sum()) > 0
+    torch.testing.assert_close(result.scores, expected, rtol=1e-5, atol=1e-6)
+    adapted = add_test_time_registers(copy.deepcopy(model), result)
+    hooked = {name for name, module in adapted.named_modules() if isinstance(module, RegisterNeuronLayer)}
+    assert hooked == {f"base_model.model.encoder.layer.{block}.mlp.down_proj" for block, _ in result}
 
 
 @pytest.mark.parametrize(
