@@ -299,6 +299,28 @@ def test_disable_adapter_gives_the_base_model_exactly_and_unload_removes_every_h
     assert type(tower.mlp_out_proj(tower.blocks[planted.layer - 1])) is torch.nn.Linear
 
 
+def test_adapters_in_inference_mode_stay_frozen_after_disable_adapter(tmp_path):
+    """PEFT's enable_adapters, run on leaving disable_adapter(), makes the active adapter trainable; an adapter in
+    inference mode (test-time registers, or one loaded without is_trainable) keeps every weight frozen, a trainable
+    one keeps exactly its trainable weights."""
+    extras = {"lora_r": 2, "unlocked_weights": ["patch_embedding"]}
+    test_time = add_test_time_registers(build_tiny_model("tiny-dinov2"), [(1, 3)], **extras)
+    trained = add_registers(build_tiny_model("tiny-dinov2"), 2, **extras)
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_tiny_model("tiny-dinov2"), tmp_path)
+
+    def trainable(model) -> list[str]:
+        return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+    expected = trainable(trained)
+    assert len(expected) == 11  # registers, patch-embedding copies (2), LoRA A and B on q and v in 2 blocks (8)
+    for model, want in ((test_time, []), (loaded, []), (trained, expected)):
+        assert trainable(model) == want
+        with model.disable_adapter():
+            assert trainable(model) == []
+        assert trainable(model) == want
+
+
 def test_adapters_switch_and_delete_like_any_peft_adapter():
     planted = planted_model("deit")
     block = planted.layer - 1

@@ -4,12 +4,14 @@ registers, the MLP output projections that register neurons feed)."""
 from __future__ import annotations
 
 import copy
+import operator
 import re
 from typing import Any
 
 import peft
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.backbone_utils import BackboneMixin
 
@@ -167,6 +169,27 @@ class RegisterModel(BaseTuner):
         if marker in key:
             return key.replace(marker, f".{UnlockedLayer.adapter_layer_names[0]}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        if enabled:
+            self._freeze_inference_adapters()
+
+    def _freeze_inference_adapters(self) -> None:
+        """Keep the weights of adapters in inference mode frozen: PEFT's ``enable_adapters`` (run on leaving
+        ``disable_adapter()``) makes every active adapter trainable again, including a training-free one (test-time
+        registers) or one loaded without ``is_trainable``."""
+        frozen = [name for name in self.active_adapters if self.peft_config[name].inference_mode]
+        if not frozen:
+            return
+        for module in self.model.modules():
+            if not isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                continue
+            for layer_name in module.adapter_layer_names:
+                weights = operator.attrgetter(layer_name)(module)  # a ParameterDict or ModuleDict by adapter
+                for name in frozen:
+                    if name in weights:
+                        weights[name].requires_grad_(False)
 
     def _check_merge_allowed(self) -> None:
         raise MergeNotSupportedError(MERGE_MESSAGE)
