@@ -132,19 +132,25 @@ def test_images_are_read_from_files_folders_datasets_and_tensors_alike(tmp_path)
 # -- Algorithm 2: the edit ----------------------------------------------------------------------------------------------
 
 
-def reference_edit(hidden, neurons, start, num_registers, mode, kept):
-    """Algorithm 2 image by image and neuron by neuron: (B, S, I) edited."""
+def reference_edit(hidden, neurons, start, num_registers, mode, kept, native=range(0)):
+    """Algorithm 2 image by image and neuron by neuron: (B, S, I) edited. The model's own registers (``native``
+    positions) take no part: they keep their activation and give none."""
     edited = hidden.clone()
+    others = [t for t in range(hidden.shape[1]) if t not in native]
     for b in range(hidden.shape[0]):
         units = [unit for unit, _ in neurons]
         if mode == "layer_max":
-            values = hidden[b][:, units]
+            values = hidden[b][others][:, units]
             peak_all = values.flatten()[values.abs().argmax()]
         for unit, index in neurons:
-            peak = hidden[b, :, unit].max() if mode == "neuron_max" else peak_all
-            edited[b, kept:, unit] = 0.0
+            peak = hidden[b, others, unit].max() if mode == "neuron_max" else peak_all
+            edited[b, [t for t in others if t >= kept], unit] = 0.0
             edited[b, start + index % num_registers, unit] = peak
     return edited
+
+
+def native_positions(tower) -> range:
+    return range(tower.num_prefix_tokens - tower.num_native_registers, tower.num_prefix_tokens)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +176,8 @@ def test_the_edit_is_algorithm_2_for_each_image(family, mode, keep_cls, num_regi
     prefix = {"deit": 2, "siglip": 0}.get(family, 1)
     start = tower.num_prefix_tokens  # after CLS, distillation token and native registers
     in_block = [(unit, index) for index, (b, unit) in enumerate(neurons) if b == block]
-    expected = reference_edit(captured[layer], in_block, start, num_registers, mode, prefix if keep_cls else 0)
+    kept = prefix if keep_cls else 0
+    expected = reference_edit(captured[layer], in_block, start, num_registers, mode, kept, native_positions(tower))
     assert torch.equal(captured[layer.base_layer], expected)
 
 
@@ -194,7 +201,8 @@ def test_every_family_gets_the_edit_on_its_mlp_activation(name, overrides):
     layer = tower.mlp_out_proj(tower.blocks[1])
     with torch.no_grad(), capture(inputs=[layer, layer.base_layer]) as captured:
         model(**inputs)
-    edited = reference_edit(captured[layer], [(3, 0), (7, 2)], tower.num_prefix_tokens, 2, "neuron_max", 0)
+    start = tower.num_prefix_tokens
+    edited = reference_edit(captured[layer], [(3, 0), (7, 2)], start, 2, "neuron_max", 0, native_positions(tower))
     assert torch.equal(captured[layer.base_layer], edited)
     if overrides:
         assert tower.mlp_out_proj_path(tower.blocks[1]) == "mlp.down_proj"
@@ -222,6 +230,31 @@ def test_a_swiglu_dinov2_is_searched_at_its_gated_activation(name):
     adapted = add_test_time_registers(copy.deepcopy(model), result)
     hooked = {name for name, module in adapted.named_modules() if isinstance(module, RegisterNeuronLayer)}
     assert hooked == {f"base_model.model.encoder.layer.{block}.mlp.down_proj" for block, _ in result}
+
+
+@pytest.mark.parametrize("mode", ["neuron_max", "layer_max"])
+def test_native_registers_keep_their_activation_and_the_test_time_register_is_added(mode):
+    """Dinov2WithRegisters (2 native registers here): the register neurons' activation on the native registers, the
+    largest of every unit here, stays where it is; the test-time register, after them, takes the largest over CLS and
+    the patches."""
+    model = add_test_time_registers(build_tiny_model("tiny-dinov2-with-registers"), [(1, 3), (1, 7)], mode=mode)
+    tower = find_vision_tower(model)
+    layer = tower.mlp_out_proj(tower.blocks[1])
+    assert (layer.native, tower.num_prefix_tokens) == (slice(1, 3), 3)  # [CLS, native, native, ours, patches...]
+    hidden = torch.randn(2, 3 + 1 + 225, layer.in_features, generator=torch.Generator().manual_seed(0))
+    hidden[:, 1:3] += 100.0
+    with torch.no_grad(), capture(inputs=[layer.base_layer]) as captured:
+        layer(hidden)
+    edited = captured[layer.base_layer]
+    assert torch.equal(edited[:, 1:3], hidden[:, 1:3])
+    others = torch.cat([hidden[:, :1], hidden[:, 3:]], dim=1)[..., [3, 7]]  # (2, 226, 2): CLS, ours, patches
+    if mode == "neuron_max":
+        peak = others.amax(dim=1)
+    else:
+        flat = others.flatten(1)
+        peak = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)).expand(-1, 2)
+    assert torch.equal(edited[:, 3, [3, 7]], peak) and float(peak.max()) < 50
+    assert not edited[:, 4:, [3, 7]].any() and not edited[:, 0, [3, 7]].any()
 
 
 @pytest.mark.parametrize(

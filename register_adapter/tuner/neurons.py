@@ -5,7 +5,8 @@ A few MLP hidden units, the *register neurons*, write the high-norm artifact tok
 block that holds some, :class:`RegisterNeuronLayer` wraps the MLP output projection (its input is the hidden
 activation: post-GELU, or the gated product of a SwiGLU MLP) and moves their activation onto the adapter's registers
 before the projection: per image, a register neuron's activation on its register becomes the neuron's maximum over
-the image's tokens, and 0 on every other token. The edit is adapter state rebuilt from the config alone (the neurons
+the image's tokens, and 0 on every other token. Registers the model has itself (``Dinov2WithRegisters``, DINOv3) are
+left as they are: they neither give nor lose activation. The edit is adapter state rebuilt from the config alone (the neurons
 are config fields), so ``PeftModel.from_pretrained`` restores it, ``disable_adapter()`` skips it and ``unload()`` puts
 the projections back.
 
@@ -38,7 +39,13 @@ _SHOWN = 6
 
 
 def move_to_registers(
-    hidden: torch.Tensor, units: torch.Tensor, positions: torch.Tensor, *, mode: str, num_kept: int
+    hidden: torch.Tensor,
+    units: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    mode: str,
+    num_kept: int,
+    native: slice = slice(0, 0),
 ) -> torch.Tensor:
     """Move the activation of register neurons onto registers, for every image of the batch on its own.
 
@@ -50,22 +57,37 @@ def move_to_registers(
             gets the one value of largest magnitude, with its sign, over all ``units`` and tokens (the public code's
             ``sign_max``).
         num_kept: Leading tokens (CLS, DeiT's distillation token) that keep their activation; every other token but
-            the registers gets 0.
+            the registers and ``native`` gets 0.
+        native: The model's own registers: left out of the edit (their activation stays, and is not moved).
 
     Returns:
         (B, S, I) a new tensor; ``hidden`` is left as it was.
+
+    >>> hidden = torch.tensor([[[1.0], [9.0], [0.0], [4.0], [2.0]]])  # (B=1, S=5, I=1): CLS, native, ours, 2 patches
+    >>> unit, register = torch.tensor([0]), torch.tensor([2])
+    >>> move_to_registers(hidden, unit, register, mode="neuron_max", num_kept=0, native=slice(1, 2))
+    tensor([[[0.],
+             [9.],
+             [4.],
+             [0.],
+             [0.]]])
     """
     selected = hidden.index_select(-1, units)  # (B, S, K)
     if mode == "neuron_max":
-        peak = selected.amax(dim=1)  # (B, K)
+        peak = selected.index_fill(1, _indices(native, hidden), -torch.inf).amax(dim=1)  # (B, K)
     else:
-        flat = selected.flatten(1)  # (B, S * K)
+        flat = selected.index_fill(1, _indices(native, hidden), 0.0).flatten(1)  # (B, S * K)
         peak = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)).expand(-1, len(units))  # (B, K)
     moved = torch.zeros_like(selected)  # (B, S, K)
     moved[:, :num_kept] = selected[:, :num_kept]
+    moved[:, native] = selected[:, native]
     moved[:, positions, torch.arange(len(units), device=hidden.device)] = peak
     # A copy (not an in-place edit), so that hooks holding the input still see the activation as the MLP made it.
     return hidden.clone().index_copy_(-1, units, moved)  # (B, S, I)
+
+
+def _indices(tokens: slice, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.start, tokens.stop, device=hidden.device)
 
 
 class RegisterNeuronLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
@@ -94,6 +116,7 @@ class RegisterNeuronLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
         self.neuron_mode: dict[str, str] = {}
         self.keep_cls: dict[str, bool] = {}
         self.num_class_tokens = tower.num_prefix_tokens - tower.num_native_registers
+        self.native = slice(self.num_class_tokens, tower.num_prefix_tokens)  # the model's own registers
         # A tuple, so that the tower is not registered as a submodule of its own block.
         self._tower = (tower.module,)
         self._embeddings_name = tower.spec.embeddings
@@ -131,7 +154,9 @@ class RegisterNeuronLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
                     continue
                 units, owners = self._index(name, hidden.device)
                 kept = self.num_class_tokens if self.keep_cls[name] else 0
-                hidden = move_to_registers(hidden, units, start + owners, mode=self.neuron_mode[name], num_kept=kept)
+                hidden = move_to_registers(
+                    hidden, units, start + owners, mode=self.neuron_mode[name], num_kept=kept, native=self.native
+                )
         return self.base_layer(hidden, *args, **kwargs)
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
