@@ -3,6 +3,7 @@ per-image reference, artifacts gone with features kept, batch invariance, and th
 
 import copy
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -434,30 +435,84 @@ def test_neurons_the_model_lacks_are_refused_at_load(tmp_path):
     )
 
 
-def test_the_published_dinov2_large_neurons_hook_exactly_their_layers_and_units():
+def dinov2_large_on_meta(name_or_path: str, **overrides):
+    """DINOv2 ViT-L/14's architecture without weights (the meta device), under ``name_or_path``."""
     from transformers import Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=518
-    )
+    sizes = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14}
     with torch.device("meta"):
-        model = Dinov2Model(config)
-    model.config._name_or_path = "facebook/dinov2-large"
-    model = add_test_time_registers(model)
-    hooked = {
+        model = Dinov2Model(Dinov2Config(**{**sizes, "image_size": 518, **overrides}))
+    model.config._name_or_path = name_or_path
+    return model
+
+
+def published_hooks(model) -> dict[str, list[tuple[int, int]]]:
+    return {
         name: module.register_units["default"]
         for name, module in model.named_modules()
         if isinstance(module, RegisterNeuronLayer)
     }
-    table = {
-        f"base_model.model.encoder.layer.{block}.mlp.fc2": [
-            (unit, 0) for b, unit in PUBLISHED["facebook/dinov2-large"].neurons if b == block
-        ]
-        for block in (17, 16, 15, 14, 13, 12)
-    }
-    assert hooked == table and sum(map(len, hooked.values())) == 45
+
+
+PUBLISHED_HOOKS = {
+    f"base_model.model.encoder.layer.{block}.mlp.fc2": [
+        (unit, 0) for b, unit in PUBLISHED["facebook/dinov2-large"].neurons if b == block
+    ]
+    for block in (17, 16, 15, 14, 13, 12)
+}
+
+
+def test_the_published_dinov2_large_neurons_hook_exactly_their_layers_and_units():
+    model = add_test_time_registers(dinov2_large_on_meta("facebook/dinov2-large"))
+    assert published_hooks(model) == PUBLISHED_HOOKS and sum(map(len, PUBLISHED_HOOKS.values())) == 45
     config = model.peft_config["default"]
     assert config.neuron_source.startswith("published with the paper's code (github.com/nickjiang2378/")
+
+
+def test_published_neurons_are_found_for_a_copy_by_name_or_by_shape():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # named: no warning
+        named = add_test_time_registers(dinov2_large_on_meta("/models/my-dinov2"), "facebook/dinov2-large")
+    assert published_hooks(named) == PUBLISHED_HOOKS
+    with pytest.warns(UserWarning) as warned:
+        matched = add_test_time_registers(dinov2_large_on_meta("/models/my-dinov2"))
+    assert published_hooks(matched) == PUBLISHED_HOOKS
+    assert [str(w.message) for w in warned if w.category is UserWarning] == [
+        "Using the register neurons published for facebook/dinov2-large: this model (/models/my-dinov2) has its shape "
+        "(dinov2, 24 blocks, hidden size 1024, MLP width 4096, patch size 14). They fit a copy of its weights; for "
+        "fine-tuned weights find the model's own with register_adapter.find_register_neurons(model, images)."
+    ]
+
+
+def test_published_neurons_for_another_shape_or_an_unknown_name_are_refused():
+    cases = [
+        (
+            lambda: add_test_time_registers(dinov2_large_on_meta("/models/my-dinov2", patch_size=16)),
+            InvalidConfigError,
+            "No published register neurons for '/models/my-dinov2' (Dinov2Model: dinov2, 24 blocks, hidden size 1024, "
+            "MLP width 4096, patch size 16); they are published for facebook/dinov2-large (dinov2, 24 blocks, hidden "
+            "size 1024, MLP width 4096, patch size 14). Find them on a few hundred of your images: neurons = "
+            "register_adapter.find_register_neurons(model, images), then add_test_time_registers(model, neurons).",
+        ),
+        (
+            lambda: add_test_time_registers(dinov2_large_on_meta("x", num_hidden_layers=12), "facebook/dinov2-large"),
+            AdapterMismatchError,
+            "The register neurons published for facebook/dinov2-large fit its shape (dinov2, 24 blocks, hidden size "
+            "1024, MLP width 4096, patch size 14), not this Dinov2Model (dinov2, 12 blocks, hidden size 1024, MLP "
+            "width 4096, patch size 14). Find this model's own: register_adapter.find_register_neurons(model, "
+            "images).",
+        ),
+        (
+            lambda: add_test_time_registers(planted_model("vit").model, "facebook/dinov2-giant"),
+            InvalidConfigError,
+            "No register neurons are published for 'facebook/dinov2-giant'; they are published for "
+            "facebook/dinov2-large.",
+        ),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind) as error:
+            call()
+        assert str(error.value) == message
 
 
 def test_a_model_without_published_neurons_is_told_to_find_them():
@@ -465,9 +520,10 @@ def test_a_model_without_published_neurons_is_told_to_find_them():
     with pytest.raises(InvalidConfigError) as error:
         add_test_time_registers(model)
     assert str(error.value) == (
-        "No published register neurons for 'this model' (ViTModel); they are published for facebook/dinov2-large. "
-        "Find them on a few hundred of your images: neurons = register_adapter.find_register_neurons(model, images), "
-        "then add_test_time_registers(model, neurons)."
+        "No published register neurons for 'this model' (ViTModel: vit, 6 blocks, hidden size 64, MLP width 256, "
+        "patch size 2); they are published for facebook/dinov2-large (dinov2, 24 blocks, hidden size 1024, MLP width "
+        "4096, patch size 14). Find them on a few hundred of your images: neurons = "
+        "register_adapter.find_register_neurons(model, images), then add_test_time_registers(model, neurons)."
     )
 
 

@@ -24,10 +24,9 @@ import peft
 from torch import nn
 
 from ...architectures import find_vision_tower
-from ...errors import InvalidConfigError
 from ...tuner.config import RegisterConfig
 from ...tuner.neurons import mlp_width
-from .published import PUBLISHED, PublishedNeurons
+from .published import PUBLISHED, PublishedNeurons, find_published
 from .result import SCORES, RegisterNeurons
 from .search import find_register_neurons
 
@@ -41,22 +40,9 @@ __all__ = [
 ]
 
 
-def _published(model: nn.Module) -> PublishedNeurons:
-    tower = find_vision_tower(model)
-    name = str(getattr(tower.root.config, "_name_or_path", "") or "")
-    if name in PUBLISHED:
-        return PUBLISHED[name]
-    raise InvalidConfigError(
-        f"No published register neurons for {name or 'this model'!r} ({type(tower.root).__name__}); they are "
-        f"published for {', '.join(PUBLISHED)}. Find them on a few hundred of your images: "
-        "neurons = register_adapter.find_register_neurons(model, images), then add_test_time_registers(model, "
-        "neurons)."
-    )
-
-
 def add_test_time_registers(
     model: nn.Module,
-    neurons: RegisterNeurons | list[tuple[int, int]] | None = None,
+    neurons: RegisterNeurons | list[tuple[int, int]] | str | None = None,
     num_register_tokens: int = 1,
     *,
     mode: str = "neuron_max",
@@ -78,8 +64,10 @@ def add_test_time_registers(
     Args:
         model: A supported model (every built-in family has an MLP output projection).
         neurons: The register neurons: what :func:`find_register_neurons` returned, or ``(block, unit)`` pairs, best
-            first (``block`` indexes the vision tower's blocks from 0). ``None`` looks the model's Hub id up in the
-            published table (:data:`~register_adapter.methods.test_time.published.PUBLISHED`: ``facebook/dinov2-large``).
+            first (``block`` indexes the vision tower's blocks from 0), or the Hub id of a model with published
+            neurons (:data:`~register_adapter.methods.test_time.published.PUBLISHED`: ``"facebook/dinov2-large"``),
+            for a copy of it saved elsewhere. ``None`` looks the model up in that table by its Hub id, else by the
+            shape of its vision tower (with a warning).
         num_register_tokens: Registers to add; one suffices (the paper). With more, neuron ``i`` goes to register
             ``i % num_register_tokens``.
         mode: ``"neuron_max"`` (the paper) or ``"layer_max"`` (the public code's one signed maximum per block).
@@ -90,14 +78,15 @@ def add_test_time_registers(
 
     Raises:
         InvalidConfigError: ``neurons=None`` for a model without published neurons (the message says how to find
-            them), or an invalid setting.
-        AdapterMismatchError: a neuron names a block or unit the model does not have.
+            them), a name without published neurons, or an invalid setting.
+        AdapterMismatchError: a neuron names a block or unit the model does not have, or the named model has
+            another shape.
         UnsupportedModelError: the family has no ``nn.Linear`` MLP output projection.
     """
     tower = find_vision_tower(model)
     mlp_width(tower, tower.blocks[0])  # an unsupported MLP fails here, before anything else
-    if neurons is None:
-        published = _published(model)
+    if neurons is None or isinstance(neurons, str):
+        published = find_published(tower, neurons)
         pairs, source = list(published.neurons), published.source
     elif isinstance(neurons, RegisterNeurons):
         pairs, source = list(neurons), neurons.source
