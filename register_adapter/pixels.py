@@ -6,7 +6,7 @@ column (see :func:`image_sequence`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,33 @@ class _DatasetImages(Sequence):
         if isinstance(index, slice):
             return self.dataset[index][self.column]
         return self.dataset[int(index)][self.column]
+
+
+class _IterableDatasetImages:
+    """The images of a ``datasets.IterableDataset``, read one row at a time each time it is iterated."""
+
+    def __init__(self, dataset: Any, column: str) -> None:
+        if dataset.column_names is not None and column not in dataset.column_names:
+            raise DataError(
+                f"The dataset has no image column {column!r}. Available columns: {', '.join(dataset.column_names)}."
+            )
+        self.dataset, self.column = dataset, column
+
+    def __iter__(self) -> Iterator[Any]:
+        return (row[self.column] for row in self.dataset)
+
+
+def reiterable_images(images: Any, image_column: str = IMAGE_COLUMN) -> Iterable[Any] | None:
+    """``images`` as an iterable to read one image at a time, when it is a collection without indexing that starts
+    over each time it is iterated (a ``datasets.IterableDataset``, an object with ``__iter__``); ``None`` for
+    sequences, single images, tensors and one-shot iterators (generators)."""
+    if isinstance(images, (str, Path, np.ndarray, torch.Tensor, Sequence, Iterator)) or hasattr(images, "convert"):
+        return None
+    if not isinstance(images, Iterable) or (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
+        return None  # a datasets.Dataset is indexed, see image_sequence
+    if hasattr(images, "column_names") and hasattr(images, "features"):
+        return _IterableDatasetImages(images, image_column)
+    return images
 
 
 def image_sequence(images: Any, image_column: str = IMAGE_COLUMN) -> Sequence[Any]:
@@ -165,7 +192,7 @@ def batches(pixel_values: torch.Tensor, batch_size: int) -> Iterator[torch.Tenso
 
 def sized_pixel_batches(
     images: Any, tower: VisionTower, processor: Any = None, batch_size: int = 8
-) -> tuple[int, Iterator[tuple[torch.Tensor, list[tuple[int, int]] | None]]]:
+) -> tuple[int | None, Iterator[tuple[torch.Tensor, list[tuple[int, int]] | None]]]:
     """Like :func:`pixel_batches`, with the ``(height, width)`` of every image before preprocessing next to each
     batch (``None`` when ``images`` are pixel values)."""
     if batch_size < 1:
@@ -178,6 +205,10 @@ def sized_pixel_batches(
     if isinstance(images, torch.Tensor):
         pixel_values = as_pixel_values(images, tower)
         return len(pixel_values), ((batch, None) for batch in batches(pixel_values, batch_size))
+    lazy = reiterable_images(images)
+    if lazy is not None:
+        count = len(images) if hasattr(images, "__len__") else None
+        return count, _stream(lazy, tower, processor, batch_size)
     items = image_sequence(images)
     if not items:
         raise DataError("No images given.")
@@ -191,11 +222,27 @@ def sized_pixel_batches(
     return len(items), generate()
 
 
+def _stream(
+    images: Iterable[Any], tower: VisionTower, processor: Any, batch_size: int
+) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """Pixel values and sizes of ``images`` read one batch at a time, in one iteration over them."""
+    chunk: list[Any] = []
+    start = 0
+    for image in images:
+        chunk.append(_prepare(image, start + len(chunk)))
+        if len(chunk) == batch_size:
+            yield _process(chunk, tower, processor, start), [_image_size(image) for image in chunk]
+            start, chunk = start + len(chunk), []
+    if chunk or not start:
+        yield _process(chunk, tower, processor, start), [_image_size(image) for image in chunk]
+
+
 def pixel_batches(
     images: Any, tower: VisionTower, processor: Any = None, batch_size: int = 8
-) -> tuple[int, Iterator[torch.Tensor]]:
-    """The number of images and an iterator over their pixel values, (b, 3, H, W) per batch. Image files are read
-    and preprocessed one batch at a time, so a folder of any size fits in memory."""
+) -> tuple[int | None, Iterator[torch.Tensor]]:
+    """The number of images (``None`` for an iterable without a length) and an iterator over their pixel values,
+    (b, 3, H, W) per batch. Image files are read and preprocessed one batch at a time, so a folder of any size fits in
+    memory; so are the images of an iterable that is not a sequence (see :func:`reiterable_images`)."""
     count, sized = sized_pixel_batches(images, tower, processor, batch_size)
     return count, (pixel_values for pixel_values, _ in sized)
 

@@ -3,12 +3,14 @@ and pictures."""
 
 from .artifacts import ArtifactReport, ImageArtifacts, LayerStats, block_output_norms, check_layer, find_artifacts
 from .discovery import discover_objects
+from .norm_stats import NormStats
 from .thresholds import Threshold, bimodal_threshold, check_threshold, resolve_threshold
 
 __all__ = [
     "ArtifactReport",
     "ImageArtifacts",
     "LayerStats",
+    "NormStats",
     "Threshold",
     "bimodal_threshold",
     "block_output_norms",

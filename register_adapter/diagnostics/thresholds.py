@@ -47,12 +47,29 @@ def bimodal_threshold(norms: np.ndarray, min_ratio: float = MIN_ARTIFACT_RATIO) 
         min_ratio: How far above the median norm the second mode must peak.
     """
     x = np.log(np.maximum(np.asarray(norms, dtype=np.float64).ravel(), 1e-12))  # (n,)
-    median = float(np.median(x))
-    spread = 1.4826 * float(np.median(np.abs(x - median)))
+    return log_bimodal_threshold(x, None, min_ratio)
+
+
+def _median(x: np.ndarray, weights: np.ndarray | None) -> float:
+    if weights is None:
+        return float(np.median(x))
+    order = np.argsort(x, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(x[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def log_bimodal_threshold(
+    x: np.ndarray, weights: np.ndarray | None = None, min_ratio: float = MIN_ARTIFACT_RATIO
+) -> Threshold:
+    """:func:`bimodal_threshold` on log norms ``x`` (n,), each counted ``weights`` (n,) times when given: the
+    centres and counts of a fine histogram of log norms give the split of the norms it counts (see
+    :class:`~register_adapter.diagnostics.norm_stats.NormStats`)."""
+    median = _median(x, weights)
+    spread = 1.4826 * _median(np.abs(x - median), weights)
     bandwidth = max(spread / 3, 0.05)
     low, high = x.min() - 3 * bandwidth, x.max() + 3 * bandwidth
     bins = 512
-    counts, edges = np.histogram(x, bins=bins, range=(low, high))
+    counts, edges = np.histogram(x, bins=bins, range=(low, high), weights=weights)
     centers = (edges[:-1] + edges[1:]) / 2  # (bins,)
     density = ndimage.gaussian_filter1d(counts.astype(np.float64), bandwidth / (edges[1] - edges[0]))
     main = int(np.argmax(density))
@@ -114,7 +131,13 @@ def resolve_threshold(rule: Any, norms: np.ndarray) -> Threshold:
         return Threshold(rule, "fixed", f"fixed threshold {rule:g}")
     if rule in ("auto", "bimodal"):
         return bimodal_threshold(norms)
+    return sigma_threshold(rule, float(np.mean(norms)), float(np.std(norms)))
+
+
+def sigma_threshold(rule: str, mean: float, std: float) -> Threshold:
+    """The ``"mean+<k>std"`` threshold of norms with this ``mean`` and (population) ``std``."""
     match = _SIGMA_RULE.match(rule)
     k = float(match.group(1))
-    value = float(np.mean(norms) + k * np.std(norms))
-    return Threshold(value, f"mean+{match.group(1)}std", f"mean + {k:g} standard deviations of the patch-token norms")
+    return Threshold(
+        mean + k * std, f"mean+{match.group(1)}std", f"mean + {k:g} standard deviations of the patch-token norms"
+    )
