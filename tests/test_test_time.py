@@ -23,8 +23,9 @@ from register_adapter import (
     find_register_neurons,
 )
 from register_adapter.architectures import FAMILIES, find_vision_tower
+from register_adapter.diagnostics.thresholds import resolve_threshold
 from register_adapter.hooks import capture
-from register_adapter.methods.test_time import PUBLISHED
+from register_adapter.methods.test_time import PUBLISHED, search
 from register_adapter.testing import make_artifact_model, make_object_images
 from register_adapter.tiny import TINY_MODELS, build_tiny_model
 from register_adapter.tuner.neurons import RegisterNeuronLayer
@@ -69,15 +70,24 @@ def test_the_planted_neurons_rank_first_and_the_chosen_settings_say_why(family):
     result = found(family)
     assert sorted(result) == sorted(planted_neurons(planted))
     assert result.top_layer == planted.layer - 1 and result.outlier_layer == 5 and result.top_k == 2
+    assert result.outlier_blocks == [2, 3, 4, 5]
+    assert result.reasons["outlier_layer"] == (
+        "block 5: of the blocks whose output's patch-token norms split into two modes (2, 3, 4, 5), the one with the "
+        f"most tokens in the high mode ({100 * result.outlier_fraction_before[5]:.2f} %)"
+    )
     assert result.reasons["top_layer"] == (
-        f"block {planted.layer - 1}: the first block whose output has outlier patch tokens; the neurons that write "
-        "them sit in it or before it"
+        f"block {planted.layer - 1}: the first block whose output's patch-token norms split into two modes (the "
+        "outliers appear there); the neurons that write them sit in it or before it"
     )
     assert result.reasons["top_k"].startswith(
-        "2: the fewest best neurons whose edit leaves no outlier patch token at any block output on the 16 images; "
-        "the best 1 leave "
+        "2: the fewest best neurons whose edit leaves no outlier patch token at the blocks with outliers (2, 3, 4, 5) "
+        "on the 16 images; the best 1 leave "
     )
-    assert result.outlier_fraction_after == [0.0] * 6
+    assert result.reasons["top_k"].endswith(
+        f"; the features keep a mean cosine similarity of {result.feature_cosine:.4f} to the model's own (at least "
+        "0.9)"
+    )
+    assert result.outlier_fraction_after == [0.0] * 6 and result.feature_cosine > 0.9999
     assert result.outlier_fraction_before[planted.layer - 1 :] == [result.outlier_fraction_before[-1]] * 4
     assert result.outlier_fraction_before[-1] > 0.01
 
@@ -124,10 +134,121 @@ def test_images_are_read_from_files_folders_datasets_and_tensors_alike(tmp_path)
     dataset = datasets.Dataset.from_dict({"image": [Image.fromarray(image) for image in images]})
     options = {"top_k": 2, "batch_size": 4, "processor": planted.processor, "progress": False}
     reference = find_register_neurons(planted.model, planted.preprocess(images), **options)
-    for source in (files, tmp_path, dataset, iter(list(images))):
+
+    class Reread:
+        """Iterable, not a sequence: every pass reads it anew, one image at a time."""
+
+        reads = 0
+
+        def __iter__(self):
+            Reread.reads += 1
+            return (image for image in images)
+
+    for source in (files, tmp_path, dataset, dataset.to_iterable_dataset(), Reread()):
         result = find_register_neurons(planted.model, source, **options)
         assert result.neurons == reference.neurons and result.num_outliers == reference.num_outliers
         torch.testing.assert_close(result.scores, reference.scores)
+        assert result.outlier_fraction_after == reference.outlier_fraction_after
+    assert Reread.reads == 3  # norms; outliers and scores; the edit
+    with ForwardCounter(planted.model) as counter, pytest.raises(DataError) as error:
+        find_register_neurons(planted.model, (image for image in images), **options)
+    assert (str(error.value), counter.calls) == (
+        "images is a one-shot iterator (generator), but find_register_neurons reads the images once per pass (three "
+        "or more). Pass a list, a folder, a datasets dataset, or an object whose iter() starts over (a "
+        "datasets.IterableDataset, a class with __iter__); it is read one batch at a time.",
+        0,
+    )
+
+
+def test_the_streamed_statistics_give_the_thresholds_and_counts_of_all_norms_at_once():
+    """The search keeps per-block statistics, not the norms: the thresholds and outlier counts are those computed
+    from every norm of every image at once (the bimodal valley to within 0.01 %: its histogram has bins 0.024 % wide)."""
+    planted = planted_model("dinov2")
+    pixel_values = planted.preprocess(scenes())
+    norms = hidden_patch_norms(planted.model, pixel_values, planted.grid[0] * planted.grid[1]).numpy()  # (L, B, N)
+    for rule in ("auto", "mean+3std", 12.0):
+        result = find_register_neurons(
+            planted.model, pixel_values, threshold=rule, outlier_layer=5, top_layer=2, top_k=2, batch_size=3,
+            progress=False,
+        )  # fmt: skip
+        exact = [resolve_threshold(rule, layer.ravel()).value for layer in norms]
+        start = 0
+        if rule == "auto":  # no second mode before the planted block
+            assert exact[:2] == result.thresholds[:2] == [None, None] and result.outlier_blocks == [2, 3, 4, 5]
+            start = 2
+        assert result.thresholds[start:] == pytest.approx(exact[start:], rel=1e-4 if rule == "auto" else 1e-6)
+        limits = np.array([np.inf if t is None else t for t in exact])
+        counts = (norms > limits[:, None, None]).sum(axis=(1, 2))
+        assert result.outlier_fraction_before == (counts / norms[0].size).tolist()
+        assert result.num_outliers == counts[5] > 0
+
+
+def test_mean_plus_3std_flags_every_block_but_the_layers_are_chosen_where_the_norms_split():
+    planted = planted_model("vit")
+    result = find_register_neurons(planted.model, planted.preprocess(scenes()), threshold="mean+3std", progress=False)
+    assert min(result.outlier_fraction_before) > 0  # the rule flags tokens at every block, even before the artifacts
+    assert (result.top_layer, result.outlier_layer, result.top_k) == (planted.layer - 1, 5, 2)
+    assert sorted(result) == sorted(planted_neurons(planted))
+    assert result.threshold.method == "mean+3std" and result.outlier_fraction_after[2:] == [0.0] * 4
+    assert min(result.outlier_fraction_after[:2]) > 0  # not artifacts: they stay, and do not count against top_k
+
+
+def test_top_layer_after_a_given_outlier_layer_is_clamped_to_it_with_the_reason():
+    planted = planted_model("vit")
+    pixel_values = planted.preprocess(scenes())
+    norms = hidden_patch_norms(planted.model, pixel_values, planted.grid[0] * planted.grid[1])
+    threshold = float(norms[1].flatten().quantile(0.99))  # block 1 splits into no two modes: the artifacts come later
+    result = find_register_neurons(
+        planted.model, pixel_values, outlier_layer=1, threshold=threshold, top_k=1, progress=False
+    )
+    assert result.top_layer == 1 and result.outlier_blocks == [2, 3, 4, 5]
+    assert result.reasons["top_layer"] == (
+        "block 1: no block up to outlier_layer 1 has patch-token norms that split into two modes; every block up to "
+        "it is a candidate"
+    )
+
+
+def test_an_automatic_top_k_keeps_the_features_of_the_model():
+    """``feature_cosine`` against an oracle that shares no code with the search, then the guard: an edit below
+    MIN_FEATURE_COSINE is refused (raised here by asking for more than the planted edit keeps)."""
+    planted = planted_model("dinov2")
+    pixel_values = planted.preprocess(scenes())
+    result = found("dinov2")
+    model = add_test_time_registers(copy.deepcopy(planted.model), result)
+    base, edited = (tower_outputs(m, pixel_values).last_hidden_state for m in (planted.model, model))
+    norms = hidden_patch_norms(planted.model, pixel_values, planted.grid[0] * planted.grid[1])
+    clean = norms[result.outlier_layer] <= result.threshold.value  # (B, N)
+    cosine = torch.nn.functional.cosine_similarity(edited, base, dim=-1)  # (B, S)
+    expected = min(float(cosine[:, 0].mean()), float(cosine[:, 1:][clean].mean()))
+    assert result.feature_cosine == pytest.approx(expected, abs=1e-6) and expected < 1.0
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search, "MIN_FEATURE_COSINE", 1.0)
+        with pytest.raises(DataError) as error:
+            find_register_neurons(planted.model, pixel_values, progress=False)
+    assert str(error.value) == (
+        "top_k=2, the fewest best neurons that leave no outlier patch token on the 16 images, changes the features: "
+        f"their mean cosine similarity to the model's own is {result.feature_cosine:.4f}, below 1.0. Fewer neurons "
+        "leave outliers. Check threshold (now 'auto') and outlier_layer, or pass top_k to take that many anyway."
+    )
+
+
+def test_no_automatic_top_k_that_leaves_no_outlier_is_an_error_that_says_what_to_pass(monkeypatch):
+    planted = planted_model("vit")
+    pixel_values = planted.preprocess(scenes())
+    one = find_register_neurons(planted.model, pixel_values, top_k=1, progress=False)
+    left = sum(
+        round(one.outlier_fraction_after[b] * 16 * planted.grid[0] * planted.grid[1]) for b in one.outlier_blocks
+    )
+    assert left > 0
+    monkeypatch.setattr(search, "MAX_AUTO_TOP_K", 1)
+    with pytest.raises(DataError) as error:
+        find_register_neurons(planted.model, pixel_values, progress=False)
+    assert str(error.value) == (
+        "No top_k up to 1 leaves the 16 images without outlier patch tokens at the blocks with outliers (2, 3, 4, 5); "
+        f"top_k=1 leaves the fewest ({left}). Pass top_k (e.g. top_k=1) to take the best neurons anyway, a later "
+        "top_layer (now 2) for more candidates, or another threshold (now 'auto')."
+    )
 
 
 # -- Algorithm 2: the edit ----------------------------------------------------------------------------------------------

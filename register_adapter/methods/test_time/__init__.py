@@ -43,10 +43,10 @@ __all__ = [
 def add_test_time_registers(
     model: nn.Module,
     neurons: RegisterNeurons | list[tuple[int, int]] | str | None = None,
-    num_register_tokens: int = 1,
+    num_register_tokens: int | None = None,
     *,
-    mode: str = "neuron_max",
-    keep_cls: bool = False,
+    mode: str | None = None,
+    keep_cls: bool | None = None,
     adapter_name: str = "default",
     **config_kwargs: Any,
 ) -> peft.PeftModel:
@@ -73,6 +73,8 @@ def add_test_time_registers(
         mode: ``"neuron_max"`` (the paper) or ``"layer_max"`` (the public code's one signed maximum per block).
         keep_cls: Keep the register neurons' activation on CLS, as the public code does (default: zero it, as the
             paper does).
+            These three default to the edit a :class:`RegisterNeurons` was measured with, else to 1,
+            ``"neuron_max"`` and ``False``.
         adapter_name: Name of the adapter.
         **config_kwargs: Further :class:`~register_adapter.RegisterConfig` fields (e.g. ``strip_registers``).
 
@@ -85,6 +87,11 @@ def add_test_time_registers(
     """
     tower = find_vision_tower(model)
     mlp_width(tower, tower.blocks[0])  # an unsupported MLP fails here, before anything else
+    # The edit a RegisterNeurons was measured with, unless told otherwise.
+    found = isinstance(neurons, RegisterNeurons)
+    edit = (neurons.num_register_tokens, neurons.mode, neurons.keep_cls) if found else (1, "neuron_max", False)
+    given = (num_register_tokens, mode, keep_cls)
+    num_register_tokens, mode, keep_cls = (value if value is not None else d for value, d in zip(given, edit))
     if neurons is None or isinstance(neurons, str):
         published = find_published(tower, neurons)
         pairs, source = list(published.neurons), published.source

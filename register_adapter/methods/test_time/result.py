@@ -35,12 +35,18 @@ class RegisterNeurons:
         num_images: Images seen.
         num_outliers: Outlier patch tokens at ``outlier_layer`` (the positions the scores average over).
         mode: The edit the outlier fractions after it were measured with (``"neuron_max"`` or ``"layer_max"``).
+        num_register_tokens: The registers of that edit.
+        keep_cls: Whether that edit keeps the neurons' activation on CLS.
         reasons: Why each setting has its value, in words (``threshold``, ``outlier_layer``, ``top_layer``,
             ``top_k``).
         thresholds: The threshold of every block output (``None``: the rule found no outliers there).
+        outlier_blocks: The blocks whose output's patch-token norms split into two modes (where the outliers are).
         outlier_fraction_before: Fraction of patch tokens above their block's threshold, per block output.
-        outlier_fraction_after: The same with the test-time register edit of ``neurons`` (one register), at the
-            thresholds of the model without it.
+        outlier_fraction_after: The same with the test-time register edit of ``neurons`` (``mode``,
+            ``num_register_tokens``, ``keep_cls``), at the thresholds of the model without it.
+        feature_cosine: How close that edit keeps the final tokens to the model's own: the smaller of the mean cosine
+            similarity of CLS (where there is one) and of the patch tokens that are not outliers at
+            ``outlier_layer``.
     """
 
     neurons: list[tuple[int, int]]
@@ -53,10 +59,14 @@ class RegisterNeurons:
     num_images: int
     num_outliers: int
     mode: str
+    num_register_tokens: int
+    keep_cls: bool
     reasons: dict[str, str]
     thresholds: list[float | None] = field(repr=False)
+    outlier_blocks: list[int] = field(repr=False)
     outlier_fraction_before: list[float] = field(repr=False)
     outlier_fraction_after: list[float] = field(repr=False)
+    feature_cosine: float
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self.neurons)
@@ -82,8 +92,8 @@ class RegisterNeurons:
 
     def to_dict(self, ranking: int = 100) -> dict[str, Any]:
         """A JSON-ready dict: the neurons with their scores, the best ``ranking`` candidates, the settings and why,
-        and the threshold and outlier fraction of every block output before and after the edit (scores and norms
-        rounded to 4 significant digits)."""
+        the blocks with outliers, the feature cosine, and the threshold and outlier fraction of every block output
+        before and after the edit (scores, norms and the cosine rounded to 4 significant digits)."""
 
         def number(value: float | None) -> float | None:
             return None if value is None else float(f"{value:.4g}")
@@ -98,10 +108,14 @@ class RegisterNeurons:
                 "threshold": number(self.threshold.value),
                 "threshold_method": self.threshold.method,
                 "mode": self.mode,
+                "num_register_tokens": self.num_register_tokens,
+                "keep_cls": self.keep_cls,
             },
             "reasons": dict(self.reasons),
             "num_images": self.num_images,
             "num_outliers": self.num_outliers,
+            "outlier_blocks": list(self.outlier_blocks),
+            "feature_cosine": number(self.feature_cosine),
             "ranking": [{"block": b, "unit": u, "score": number(v)} for b, u, v in self.ranking(ranking)],
             "blocks": [
                 {

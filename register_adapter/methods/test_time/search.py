@@ -3,16 +3,18 @@
 
 Outlier ("artifact") tokens are written by a few MLP hidden units. Over a set of unlabelled images, every
 ``(block, unit)`` up to ``top_layer`` is scored by its mean activation at the patch tokens that are outliers at
-``outlier_layer``; the ``top_k`` best are the register neurons. The images are streamed in batches, four times or more:
+``outlier_layer``; the ``top_k`` best are the register neurons. The images are streamed in batches, several times
+(see :mod:`.passes`); memory holds per-block statistics and the ``(top_layer + 1) x MLP width`` sums, whatever the
+number of images:
 
-1. the token norms at every block output (one float per token and block), from which the threshold rule of
-   :mod:`register_adapter.diagnostics.thresholds` picks the outliers, and the automatic settings are chosen;
-2. the scores: a forward hook on the input of each MLP output projection sums the activation at the outlier positions
-   of the batch (the forward pass stops after block ``top_layer``). No activation is kept: the sums are
-   ``(top_layer + 1) x MLP width`` numbers, whatever the number of images;
-3. with ``top_k=None``, the search for the smallest ``k`` whose edit leaves no outlier patch token: the candidate
-   edit runs as a real test-time register adapter, ``k`` doubling from 1 until no outlier is left, then bisected;
-4. with an explicit ``top_k``, one pass with that edit, for the outlier fractions after it.
+1. the patch-token norms at every block output, summarised (:class:`~register_adapter.diagnostics.NormStats`): the
+   threshold rule gives each block's threshold, and the blocks whose norms split into two modes are where the
+   outliers are (the automatic ``outlier_layer`` and ``top_layer`` come from them);
+2. the outliers counted at every block output, and the scores summed at the outliers of ``outlier_layer``;
+3. with ``top_k=None``, the search for the smallest ``k`` whose edit leaves no outlier patch token at the blocks with
+   outliers: the candidate edit runs as a real test-time register adapter, ``k`` doubling from 1, then bisected;
+4. the chosen edit once more, beside the model without it, for the outliers after it and how much it changes the
+   features (``feature_cosine``); an automatic ``top_k`` must keep it at least :data:`MIN_FEATURE_COSINE`.
 
 >>> from register_adapter import find_register_neurons
 >>> from register_adapter.testing import make_artifact_model, make_object_images
@@ -27,38 +29,33 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from tqdm.auto import tqdm
 
-from ...architectures import VisionTower, find_vision_tower
-from ...diagnostics.artifacts import block_output_norms
-from ...diagnostics.thresholds import check_threshold, resolve_threshold
-from ...errors import DataError, InvalidConfigError, UnsupportedModelError
-from ...forward import eval_mode, run_tower
-from ...geometry import patch_grid
-from ...hooks import capture
-from ...pixels import pixel_batches
-from ...tokens import token_layout
+from ...architectures import find_vision_tower
+from ...diagnostics.thresholds import check_threshold
+from ...errors import DataError, InvalidConfigError
 from ...tuner.config import NEURON_MODES, RegisterConfig
-from ...tuner.model import RegisterModel
 from ...tuner.neurons import mlp_width
+from .passes import EditPass, edit_pass, norm_statistics, outliers_and_scores
 from .result import SCORES, RegisterNeurons
 
 logger = logging.getLogger(__name__)
 
 #: The automatic ``top_k`` search tries at most this many neurons.
 MAX_AUTO_TOP_K = 1024
-_SEARCH_ADAPTER = "register_neuron_search"
+#: An automatic ``top_k`` must keep the final tokens this close to the model's own: the mean cosine similarity of CLS,
+#: and of the patch tokens that are not outliers, with and without the edit. A guard against an edit that removes the
+#: outliers by wrecking the features (moving too many neurons), not a measure of quality.
+MIN_FEATURE_COSINE = 0.9
+_REASONS = ("threshold", "outlier_layer", "top_layer", "top_k")
 
 
 def _block_index(name: str, value: Any, num_blocks: int) -> int | None:
@@ -86,6 +83,13 @@ def _check_top_k(top_k: Any, top_layer: int | None, widths: list[int]) -> None:
 
 def _no_outliers_error(threshold: float | str, layer: int | None, num_images: int) -> DataError:
     where = "at any block output" if layer is None else f"at the output of block {layer} (outlier_layer)"
+    if layer is None and threshold != "auto":
+        return DataError(
+            f"The patch-token norms split into two modes at no block output on the {num_images} images, so there is "
+            f"no outlier layer to choose (threshold {threshold!r} is applied at the chosen layer only). Pass "
+            "outlier_layer and top_layer (DINOv2 ViT-L: 22 and 17), or try more images (plain backgrounds bring "
+            "artifacts out); register_adapter.find_artifacts shows the norms of every layer."
+        )
     return DataError(
         f"No outlier patch tokens on the {num_images} images {where} with threshold {threshold!r}, so there is "
         "nothing to find register neurons from. Try more images (plain backgrounds bring artifacts out), "
@@ -94,84 +98,48 @@ def _no_outliers_error(threshold: float | str, layer: int | None, num_images: in
     )
 
 
-@contextlib.contextmanager
-def _test_time_registers(tower: VisionTower, config: RegisterConfig) -> Iterator[VisionTower]:
-    """The model holding ``tower`` with a test-time register adapter for ``config``, then without it again (the
-    ``requires_grad`` flags of its parameters as they were)."""
-    root = tower.root
-    flags = [(parameter, parameter.requires_grad) for parameter in root.parameters()]
-    tuner = RegisterModel(root, config, _SEARCH_ADAPTER)
-    try:
-        yield find_vision_tower(root)
-    finally:
-        tuner.unload()
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-
-
-def _outliers_per_block(
-    tower: VisionTower,
-    limits: torch.Tensor,
-    images: Any,
-    processor: Any,
-    batch_size: int,
-    description: str,
-    progress: bool,
-) -> np.ndarray:
-    """(L,) patch tokens whose norm at each block output exceeds ``limits`` (L,), over all images."""
-    blocks = tower.blocks
-    special = token_layout(tower).num_special_tokens
-    counts = torch.zeros(len(blocks), dtype=torch.long)
-    count, pixel_values = pixel_batches(images, tower, processor, batch_size)
-
-    def patch_norms(hidden: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(hidden[:, special:], dim=-1, dtype=torch.float32)  # (b, N)
-
-    with (
-        capture(blocks, reduce=patch_norms) as norms,
-        eval_mode(tower.module),
-        tqdm(total=count, desc=description, unit="img", disable=not progress) as bar,
-    ):
-        for batch in pixel_values:
-            run_tower(tower, batch)
-            stacked = torch.stack([norms[block] for block in blocks]).cpu()  # (L, b, N)
-            counts += (stacked > limits[:, None, None]).sum(dim=(1, 2))
-            bar.update(len(batch))
-    return counts.numpy()
-
-
-def _scores(
-    tower: VisionTower,
-    outliers: torch.Tensor,
-    top_layer: int,
-    absolute: bool,
-    images: Any,
-    processor: Any,
-    batch_size: int,
-    progress: bool,
-) -> torch.Tensor:
-    """(top_layer + 1, I) summed activation (or absolute activation) of every MLP hidden unit of blocks
-    0..top_layer at the ``outliers`` (n, N) positions."""
-    projections = [tower.mlp_out_proj(block) for block in tower.blocks[: top_layer + 1]]
-    special = token_layout(tower).num_special_tokens
-    sums = torch.zeros(len(projections), projections[0].in_features, dtype=torch.float64)
-    count, pixel_values = pixel_batches(images, tower, processor, batch_size)
-    seen = 0
-    with eval_mode(tower.module), tqdm(total=count, desc="scoring neurons", unit="img", disable=not progress) as bar:
-        for batch in pixel_values:
-            mask = outliers[seen : seen + len(batch)]  # (b, N)
-
-            def at_outliers(hidden: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-                values = hidden[:, special:][mask.to(hidden.device)].float()  # (T, I)
-                return (values.abs() if absolute else values).sum(dim=0)  # (I,)
-
-            # The hooks reduce each activation to its sum at once; the pass stops after block top_layer.
-            with capture(inputs=projections, reduce=at_outliers, stop=True) as captured:
-                run_tower(tower, batch)
-            sums += torch.stack([captured[p] for p in projections]).double().cpu()
-            seen += len(batch)
-            bar.update(len(batch))
-    return sums
+def _choose_layers(
+    outlier_layer: int | None,
+    top_layer: int | None,
+    split: list[int],
+    shares: list[float],
+    threshold: float | str,
+    num_images: int,
+) -> tuple[int, int, dict[str, str]]:
+    """``outlier_layer`` and ``top_layer``, chosen where not given, from the blocks whose patch-token norms split into
+    two modes (``split``; ``shares``: the part of each block's tokens in the high mode), and why."""
+    reasons = {}
+    if outlier_layer is None:
+        candidates = [b for b in split if top_layer is None or b >= top_layer]
+        if not split:
+            raise _no_outliers_error(threshold, None, num_images)
+        if not candidates:
+            raise InvalidConfigError(
+                f"top_layer ({top_layer}) comes after every block whose output has outliers (blocks "
+                f"{', '.join(map(str, split))}), so no outlier_layer can be chosen: pass an earlier top_layer, or "
+                "outlier_layer."
+            )
+        outlier_layer = max(candidates, key=lambda b: (shares[b], b))
+        reasons["outlier_layer"] = (
+            f"block {outlier_layer}: of the blocks whose output's patch-token norms split into two modes "
+            f"({', '.join(map(str, split))}), the one with the most tokens in the high mode "
+            f"({100 * shares[outlier_layer]:.2f} %)"
+        )
+    else:
+        reasons["outlier_layer"] = f"block {outlier_layer}: given"
+    if top_layer is None:
+        earlier = [b for b in split if b <= outlier_layer]
+        top_layer = earlier[0] if earlier else outlier_layer
+        reasons["top_layer"] = (
+            f"block {top_layer}: the first block whose output's patch-token norms split into two modes (the outliers "
+            "appear there); the neurons that write them sit in it or before it"
+            if earlier
+            else f"block {top_layer}: no block up to outlier_layer {outlier_layer} has patch-token norms that split "
+            "into two modes; every block up to it is a candidate"
+        )
+    else:
+        reasons["top_layer"] = f"block {top_layer}: given"
+    return outlier_layer, top_layer, reasons
 
 
 @torch.no_grad()
@@ -185,6 +153,8 @@ def find_register_neurons(
     top_k: int | None = None,
     score: str = "mean",
     mode: str = "neuron_max",
+    num_register_tokens: int = 1,
+    keep_cls: bool = False,
     batch_size: int = 8,
     processor: Any = None,
     progress: bool = True,
@@ -195,23 +165,29 @@ def find_register_neurons(
 
     Args:
         model: A supported model without adapters whose family has an MLP output projection (every built-in family).
-        images: Pixel values (B, 3, H, W), images (PIL, uint8 arrays), image files, folders, or a ``datasets``
-            dataset with an ``image`` column. All must have one size after preprocessing. Read once per pass.
+        images: Pixel values (B, 3, H, W), images (PIL, uint8 arrays), image files, folders, a ``datasets`` dataset
+            with an ``image`` column (an ``IterableDataset`` too), or any iterable that starts over each time it is
+            iterated. All must have one size after preprocessing. Read once per pass, one batch at a time; a one-shot
+            iterator (a generator) is refused.
         outlier_layer: Block whose output defines the outliers (DINOv2 ViT-L: 22, OpenCLIP ViT-B/16: the last).
-            Default: the block output with the most outlier patch tokens (the later one on a tie).
+            Default: of the blocks whose output's patch-token norms split into two modes (artifacts), the one with
+            the most tokens in the high mode (the later one on a tie), and not before ``top_layer``.
         threshold: Norm threshold rule of :func:`~register_adapter.diagnostics.resolve_threshold`, applied to every
             block output: ``"auto"`` (bimodal split; no outliers on a clean model), a number (150 for DINOv2 ViT-L), or
-            ``"mean+<k>std"`` (the paper's rule; it flags some tokens at every layer, so give ``top_layer`` with it).
-        top_layer: Last block whose neurons are candidates (DINOv2 ViT-L: 17). Default: the first block whose output
-            has outliers; the neurons that write them sit in it or before it.
-        top_k: How many neurons. Default: the smallest number of best neurons whose edit (one test-time register,
-            ``mode``) leaves no patch token above its block's threshold, on these images; found by doubling from 1,
-            then bisecting (at most :data:`MAX_AUTO_TOP_K`).
+            ``"mean+<k>std"`` (the paper's rule). The automatic layers do not depend on it.
+        top_layer: Last block whose neurons are candidates (DINOv2 ViT-L: 17). Default: the first block whose output's
+            norms split into two modes, at most ``outlier_layer``; the neurons that write the outliers sit in it or
+            before it.
+        top_k: How many neurons. Default: the smallest number of best neurons whose edit leaves no patch token above
+            its block's threshold at the blocks with outliers (those whose norms split into two modes, and
+            ``outlier_layer``), on these images; found by doubling from 1, then bisecting (at most
+            :data:`MAX_AUTO_TOP_K`). The edit must keep ``feature_cosine`` at least :data:`MIN_FEATURE_COSINE`.
         score: ``"mean"`` (default, the paper: mean activation at the outlier positions, so units that fire there
             rank first) or ``"mean_abs"`` (the public code: mean absolute activation, which also ranks units that
             are strongly negative there). Both average over all outlier positions of all images.
-        mode: The edit the ``top_k`` search and the outlier fractions after it use (see
-            :class:`~register_adapter.RegisterConfig` ``neuron_mode``).
+        mode, num_register_tokens, keep_cls: The edit that the ``top_k`` search, the outlier fractions after it and
+            ``feature_cosine`` are measured with, as :func:`~register_adapter.add_test_time_registers` takes them
+            (it defaults to the ones recorded here).
         batch_size: Images per forward pass.
         processor: Image processor for images; default :func:`~register_adapter.pixels.default_processor`.
         progress: Show tqdm progress bars.
@@ -222,10 +198,11 @@ def find_register_neurons(
     Raises:
         UnsupportedModelError: the family has no MLP output projection, takes no (B, 3, H, W) images, or drops
             patches (ViTMAE's random masking).
-        InvalidConfigError: a setting out of range (checked before any image is read), a model with adapters, or
-            ``top_k`` above the number of candidates.
-        DataError: no outliers on the images at the outlier layer (or at any layer), unreadable images, or images of
-            different sizes.
+        InvalidConfigError: a setting out of range (checked before any image is read), a model with adapters,
+            ``top_k`` above the number of candidates, or a ``top_layer`` after every block with outliers.
+        DataError: no outliers on the images at the outlier layer (or at any layer), no automatic ``top_k`` that
+            leaves no outlier or keeps the features (the message says what to pass), a one-shot iterator,
+            unreadable images, or images of different sizes.
     """
     tower = find_vision_tower(model)
     if any(isinstance(module, BaseTunerLayer) for module in tower.module.modules()):
@@ -249,53 +226,37 @@ def find_register_neurons(
         raise InvalidConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}.")
     if mode not in NEURON_MODES:
         raise InvalidConfigError(f"mode must be one of {', '.join(NEURON_MODES)}, got {mode!r}.")
-    if isinstance(images, Iterator):  # read once per pass
-        images = list(images)
+    edit = {"num_register_tokens": num_register_tokens, "neuron_mode": mode, "keep_cls": keep_cls}
+    RegisterConfig(method="test-time", **edit)  # InvalidConfigError for a bad register count or keep_cls
+    if isinstance(images, Iterator):
+        raise DataError(
+            f"images is a one-shot iterator ({type(images).__name__}), but find_register_neurons reads the images "
+            "once per pass (three or more). Pass a list, a folder, a datasets dataset, or an object whose iter() "
+            "starts over (a datasets.IterableDataset, a class with __iter__); it is read one batch at a time."
+        )
 
-    # Pass 1: token norms at every block output, and the outliers.
-    norms, size = block_output_norms(tower, images, processor=processor, batch_size=batch_size, progress=progress)
-    patches = norms[..., token_layout(tower).num_special_tokens :]  # (L, n, N)
-    grid = patch_grid(size, tower.patch_size)
-    if patches.shape[-1] != grid[0] * grid[1]:
-        raise UnsupportedModelError(
-            f"{type(tower.module).__name__} returned {patches.shape[-1]} patch tokens for a {grid[0]}x{grid[1]} grid; "
-            "register neurons are found at fixed patch positions, which models that drop or shuffle patches (ViTMAE's "
-            "random masking) do not keep from one pass to the next."
-        )
-    num_images = patches.shape[1]
-    thresholds = [resolve_threshold(rule, layer_norms.numpy().ravel()) for layer_norms in patches]
-    limits = torch.tensor([math.inf if t.value is None else t.value for t in thresholds])  # (L,)
-    before = (patches > limits[:, None, None]).sum(dim=(1, 2)).numpy()  # (L,)
-    num_patches = patches.shape[1] * patches.shape[2]
-    reasons = {}
-    if outlier_layer is None:
-        if not before.any():
-            raise _no_outliers_error(threshold, None, num_images)
-        outlier_layer = num_blocks - 1 - int(np.argmax(before[::-1]))
-        reasons["outlier_layer"] = (
-            f"block {outlier_layer}: the block output with the most outlier patch tokens "
-            f"({100 * before[outlier_layer] / num_patches:.2f} %)"
-        )
-    else:
-        reasons["outlier_layer"] = f"block {outlier_layer}: given"
-    if not before[outlier_layer]:
-        raise _no_outliers_error(threshold, outlier_layer, num_images)
-    chosen = thresholds[outlier_layer]
-    reasons["threshold"] = f"{chosen.value:.4g} at block {outlier_layer}: {chosen.note}"
-    if top_layer is None:
-        top_layer = int(np.flatnonzero(before)[0])
-        reasons["top_layer"] = (
-            f"block {top_layer}: the first block whose output has outlier patch tokens; the neurons that write them "
-            "sit in it or before it"
-        )
-    else:
-        reasons["top_layer"] = f"block {top_layer}: given"
+    # Pass 1: the norms at every block output, summarised; thresholds and automatic layers.
+    seen = norm_statistics(tower, images, processor, batch_size, progress)
+    num_images, num_patches = seen.num_images, seen.num_patches
+    thresholds = [stats.threshold(rule) for stats in seen.stats]
+    splits = [stats.threshold("auto") for stats in seen.stats]
+    split = [block for block, chosen in enumerate(splits) if chosen.value is not None]
+    shares = [stats.fraction_above(chosen.value) for stats, chosen in zip(seen.stats, splits)]
+    outlier_layer, top_layer, reasons = _choose_layers(outlier_layer, top_layer, split, shares, threshold, num_images)
     _check_top_k(top_k, top_layer, widths)
+    chosen = thresholds[outlier_layer]
+    if chosen.value is None:
+        raise _no_outliers_error(threshold, outlier_layer, num_images)
+    reasons["threshold"] = f"{chosen.value:.4g} at block {outlier_layer}: {chosen.note}"
+    limits = torch.tensor([math.inf if t.value is None else t.value for t in thresholds])  # (L,)
 
-    # Pass 2: the score of every candidate at the outlier positions.
-    outliers = patches[outlier_layer] > chosen.value  # (n, N)
-    num_outliers = int(outliers.sum())
-    sums = _scores(tower, outliers, top_layer, score == "mean_abs", images, processor, batch_size, progress)
+    # Pass 2: the outliers at every block output, and the score of every candidate at those of outlier_layer.
+    before, sums, num_outliers = outliers_and_scores(
+        tower, limits, outlier_layer, top_layer, score == "mean_abs", num_patches, images, processor, batch_size,
+        progress,
+    )  # fmt: skip
+    if not num_outliers:
+        raise _no_outliers_error(threshold, outlier_layer, num_images)
     scores = (sums / num_outliers).float()  # (top_layer + 1, I)
     order = scores.flatten().sort(descending=True, stable=True).indices
     width = scores.shape[1]
@@ -303,25 +264,26 @@ def find_register_neurons(
     def best(k: int) -> list[tuple[int, int]]:
         return [(int(i) // width, int(i) % width) for i in order[:k]]
 
-    def remaining(k: int) -> np.ndarray:
+    def measure(k: int, features: bool = False) -> EditPass:
         config = RegisterConfig(
-            num_register_tokens=1,
-            init="zeros",
-            method="test-time",
-            register_neurons=best(k),
-            neuron_mode=mode,
-            inference_mode=True,
+            init="zeros", method="test-time", register_neurons=best(k), inference_mode=True, **edit
         )
-        with _test_time_registers(tower, config) as adapted:
-            return _outliers_per_block(adapted, limits, images, processor, batch_size, f"top_k={k}", progress)
+        return edit_pass(
+            tower, config, limits, outlier_layer, num_patches, images, processor, batch_size, f"top_k={k}",
+            progress, features,
+        )  # fmt: skip
 
+    # Passes 3 and on: the edit, searched for (top_k=None) or as given.
+    watched = sorted({*split, outlier_layer})
     if top_k is not None:
-        after = remaining(top_k)
+        measured = measure(top_k, features=True)
         reasons["top_k"] = f"{top_k}: given"
     else:
-        top_k, after, reasons["top_k"] = _search_top_k(remaining, min(len(order), MAX_AUTO_TOP_K), num_images)
-    for name in ("threshold", "outlier_layer", "top_layer", "top_k"):
+        context = {"num_images": num_images, "watched": watched, "top_layer": top_layer, "threshold": threshold}
+        top_k, measured, reasons["top_k"] = _search_top_k(measure, min(len(order), MAX_AUTO_TOP_K), **context)
+    for name in _REASONS:
         logger.info("find_register_neurons: %s = %s", name, reasons[name])
+    total = num_images * num_patches
     return RegisterNeurons(
         neurons=best(top_k),
         scores=scores,
@@ -333,44 +295,69 @@ def find_register_neurons(
         num_images=num_images,
         num_outliers=num_outliers,
         mode=mode,
-        reasons={name: reasons[name] for name in ("threshold", "outlier_layer", "top_layer", "top_k")},
+        num_register_tokens=num_register_tokens,
+        keep_cls=keep_cls,
+        reasons={name: reasons[name] for name in _REASONS},
         thresholds=[t.value for t in thresholds],
-        outlier_fraction_before=(before / num_patches).tolist(),
-        outlier_fraction_after=(after / num_patches).tolist(),
+        outlier_blocks=split,
+        outlier_fraction_before=(before / total).tolist(),
+        outlier_fraction_after=(measured.counts / total).tolist(),
+        feature_cosine=measured.feature_cosine,
     )
 
 
-def _search_top_k(remaining: Any, limit: int, num_images: int) -> tuple[int, np.ndarray, str]:
-    """The smallest ``k`` in [1, ``limit``] with ``remaining(k).sum() == 0``: doubling, then bisection (assumes that
-    moving more neurons never brings outliers back). Returns ``k``, its outliers per block and the reason."""
-    tried: dict[int, np.ndarray] = {}
+def _search_top_k(
+    measure: Callable[..., EditPass],
+    limit: int,
+    *,
+    num_images: int,
+    watched: list[int],
+    top_layer: int,
+    threshold: float | str,
+) -> tuple[int, EditPass, str]:
+    """The smallest ``k`` in [1, ``limit``] whose edit leaves no outlier at the ``watched`` blocks: doubling, then
+    bisection (assumes that moving more neurons never brings outliers back), then that edit once more for its
+    features. Returns ``k``, what its edit does and the reason.
+
+    Raises:
+        DataError: no ``k`` up to ``limit`` leaves no outlier, or the smallest one changes the features too much.
+    """
+
+    def left(k: int) -> int:
+        if k not in tried:
+            tried[k] = int(measure(k).counts[watched].sum())
+        return tried[k]
+
+    tried: dict[int, int] = {}
     k = 1
-    while True:
-        tried[k] = remaining(k)
-        if not tried[k].any() or k == limit:
-            break
+    while left(k) and k < limit:
         k = min(2 * k, limit)
-    clean = [k for k, counts in tried.items() if not counts.any()]
-    if not clean:
-        k = min(tried, key=lambda k: (int(tried[k].sum()), k))
-        message = (
-            f"no top_k up to {limit} leaves the {num_images} images without outlier patch tokens; top_k={k} leaves "
-            f"the fewest ({int(tried[k].sum())}). Pass top_k, a later top_layer, or check the threshold."
+    blocks = ", ".join(map(str, watched))
+    if left(k):
+        fewest = min(tried, key=lambda k: (tried[k], k))
+        raise DataError(
+            f"No top_k up to {limit} leaves the {num_images} images without outlier patch tokens at the blocks with "
+            f"outliers ({blocks}); top_k={fewest} leaves the fewest ({tried[fewest]}). Pass top_k (e.g. "
+            f"top_k={fewest}) to take the best neurons anyway, a later top_layer (now {top_layer}) for more "
+            f"candidates, or another threshold (now {threshold!r})."
         )
-        warnings.warn(f"find_register_neurons: {message}", stacklevel=3)
-        return k, tried[k], f"{k}: {message}"
-    high = min(clean)
+    high = k
     low = max((k for k in tried if k < high), default=0)
     while high - low > 1:
         middle = (low + high) // 2
-        tried[middle] = remaining(middle)
-        if tried[middle].any():
-            low = middle
-        else:
-            high = middle
-    left = f"; the best {low} leave {int(tried[low].sum())} (summed over the block outputs)" if low else ""
+        low, high = (middle, high) if left(middle) else (low, middle)
+    measured = measure(high, features=True)
+    if measured.feature_cosine is not None and measured.feature_cosine < MIN_FEATURE_COSINE:
+        raise DataError(
+            f"top_k={high}, the fewest best neurons that leave no outlier patch token on the {num_images} images, "
+            f"changes the features: their mean cosine similarity to the model's own is {measured.feature_cosine:.4f}, "
+            f"below {MIN_FEATURE_COSINE}. Fewer neurons leave outliers. Check threshold (now {threshold!r}) and "
+            "outlier_layer, or pass top_k to take that many anyway."
+        )
+    rest = f"; the best {low} leave {tried[low]}" if low else ""
     reason = (
-        f"{high}: the fewest best neurons whose edit leaves no outlier patch token at any block output on the "
-        f"{num_images} images{left}"
+        f"{high}: the fewest best neurons whose edit leaves no outlier patch token at the blocks with outliers "
+        f"({blocks}) on the {num_images} images{rest}; the features keep a mean cosine similarity of "
+        f"{measured.feature_cosine:.4f} to the model's own (at least {MIN_FEATURE_COSINE})"
     )
-    return high, tried[high], reason
+    return high, measured, reason
