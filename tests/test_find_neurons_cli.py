@@ -32,10 +32,16 @@ def test_adapter_report_and_picture_agree_with_the_api(saved, tmp_path, fake_hub
     root, planted = saved
     out = tmp_path / "out"
     argv = ["--model", str(root / "model"), str(root / "images"), "--out", str(out), "--batch_size", "5"]
-    assert main([*argv, "--num_register_tokens", "2", "--push_to_hub", "org/dinov2-tt"]) == 0
+    assert main([*argv, "--num_register_tokens", "2", "--keep_cls", "--push_to_hub", "org/dinov2-tt"]) == 0
 
     files = sorted((root / "images").glob("*.png"))
-    expected = find_register_neurons(planted.model, files, batch_size=5, processor=planted.processor, progress=False)
+    edit = {"num_register_tokens": 2, "keep_cls": True}  # the report measures the edit the adapter makes
+    expected = find_register_neurons(
+        planted.model, files, batch_size=5, processor=planted.processor, progress=False, **edit
+    )
+    assert (expected.num_register_tokens, expected.keep_cls) == (2, True)
+    unkept = find_register_neurons(planted.model, files, batch_size=5, processor=planted.processor, progress=False)
+    assert unkept.feature_cosine != expected.feature_cosine  # CLS keeps the neurons' activation only with --keep_cls
     assert json.loads((out / "neurons.json").read_text()) == {"model": str(root / "model"), **expected.to_dict()}
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
@@ -51,7 +57,7 @@ def test_adapter_report_and_picture_agree_with_the_api(saved, tmp_path, fake_hub
 
     pixel_values = planted.preprocess(make_object_images(3, 32, seed=9).images)
     loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(root / "model"), out)
-    reference = add_test_time_registers(AutoModel.from_pretrained(root / "model"), expected, 2)
+    reference = add_test_time_registers(AutoModel.from_pretrained(root / "model"), expected.neurons, 2, keep_cls=True)
     with torch.no_grad():
         got = loaded(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         want = reference(pixel_values=pixel_values, output_hidden_states=True).hidden_states
@@ -62,7 +68,8 @@ def test_adapter_report_and_picture_agree_with_the_api(saved, tmp_path, fake_hub
     assert lines[-6:] == [
         *(f"{name}: {expected.reasons[name]}" for name in ("threshold", "outlier_layer", "top_layer", "top_k")),
         f"2 register neurons on 12 images; outlier patch tokens at block 5: "
-        f"{100 * expected.outlier_fraction_before[5]:.2f} % -> 0.00 %",
+        f"{100 * expected.outlier_fraction_before[5]:.2f} % -> 0.00 % with 2 register(s); feature cosine to the base "
+        f"model {expected.feature_cosine:.4f}",
         f"wrote the adapter, neurons.json and before_after.png to {out}",
     ]
 

@@ -56,9 +56,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         top_k=args.top_k,
         score=args.score,
         mode=args.mode,
+        num_register_tokens=args.num_register_tokens,
+        keep_cls=args.keep_cls,
         batch_size=args.batch_size,
         processor=processor,
-    )
+    )  # the edit the adapter makes: the outliers after it and the feature cosine are measured with it
     shown = paths[:BEFORE_AFTER_IMAGES]
     options = {
         "layer": found.outlier_layer + 1,
@@ -67,9 +69,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     }
     pixel_values = as_pixel_values(shown, find_vision_tower(model), processor)  # (n, 3, H, W)
     base = find_artifacts(model, pixel_values, **options)
-    model = add_test_time_registers(
-        model, found, args.num_register_tokens, mode=args.mode, keep_cls=args.keep_cls
-    ).eval()
+    model = add_test_time_registers(model, found).eval()  # the edit found was measured with
     adapted = find_artifacts(model, pixel_values, **options)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     sys.stdout.write(
         f"{found.top_k} register neurons on {found.num_images} images; outlier patch tokens at block "
         f"{found.outlier_layer}: {100 * before[found.outlier_layer]:.2f} % -> {100 * after[found.outlier_layer]:.2f} "
-        f"%\nwrote the adapter, {report.name} and {picture.name} to {out}\n"
+        f"% with {found.num_register_tokens} register(s); feature cosine to the base model {found.feature_cosine:.4f}"
+        f"\nwrote the adapter, {report.name} and {picture.name} to {out}\n"
     )
     return [out / "adapter_config.json", out / "adapter_model.safetensors", out / "README.md", report, picture]
 
