@@ -37,7 +37,7 @@ from ...training.runtime import (
 )
 from ...tuner.config import RegisterConfig
 from ...tuner.unlocked import check_unlockable
-from .cache import cache_key, cached_targets, default_cache_dir
+from .cache import cache_key, cached_targets, default_cache_dir, processor_settings
 from .config import PHRegConfig
 from .data import SAMPLE_ID, TARGETS, DistillationImages, find_small_images, view_rng
 from .teacher import DenoisedTeacher, check_distillable, final_patch_tokens, max_offsets
@@ -97,7 +97,10 @@ class RegisterDistillationTrainer(Trainer):
         model: The student.
         args: Training arguments; with a ``final_learning_rate`` (see
             :class:`~register_adapter.training.distillation.DistillationTrainingArguments`) the learning rate decays
-            exponentially to it, as in the paper.
+            exponentially, as in the paper: after ``warmup_steps`` steps of linear warmup (step ``s < W`` uses
+            ``learning_rate * (s + 1) / (W + 1)``), step ``s`` of ``T`` uses ``learning_rate * (final_learning_rate /
+            learning_rate) ** ((s - W) / (T - 1 - W))``: ``learning_rate`` at the first step after the warmup,
+            exactly ``final_learning_rate`` at the last (a single step after the warmup uses ``learning_rate``).
         teacher: The teacher, made from ``model``.
         config: The PH-Reg settings (loss weights, cache).
         **kwargs: Further ``Trainer`` arguments (``train_dataset``: a :class:`DistillationImages`).
@@ -147,10 +150,11 @@ class RegisterDistillationTrainer(Trainer):
         warmup = self.args.get_warmup_steps(num_training_steps)
         ratio = final / self.args.learning_rate
 
-        def factor(step: int) -> float:  # linear warmup, then learning_rate * ratio ** (progress of the decay)
-            if step < warmup:
+        def factor(step: int) -> float:  # of the optimizer step `step` (0-based)
+            if step < warmup:  # linear warmup
                 return (step + 1) / (warmup + 1)
-            return ratio ** ((step - warmup) / max(1, num_training_steps - warmup))
+            # learning_rate at the first step after the warmup, final_learning_rate at the last (num_training_steps - 1)
+            return ratio ** min(1.0, (step - warmup) / max(1, num_training_steps - 1 - warmup))
 
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
         self._created_lr_scheduler = True
@@ -268,6 +272,8 @@ def run_distillation(
     tower = find_vision_tower(model)
     check_distillable(tower)
     processor = processor if processor is not None else default_processor(tower)
+    if config.cache_targets:
+        processor_settings(processor)  # a processor the cache cannot be keyed on is refused now
     size = target_size(processor)
     grid = patch_grid(size, tower.patch_size)
     max_offsets(config.max_shift, grid)
