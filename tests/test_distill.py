@@ -383,6 +383,53 @@ def test_bad_input_is_refused_before_any_forward_pass(tmp_path, make, extra, err
     assert not (tmp_path / "out").exists()
 
 
+def mixed_size_images(root: Path) -> list[Path]:
+    """Three 30x30 images and two 20x40 ones (height x width)."""
+    root.mkdir(parents=True)
+    files = []
+    for i, (height, width) in enumerate([(30, 30)] * 3 + [(20, 40)] * 2):
+        files.append(root / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(files[-1])
+    return files
+
+
+def test_images_that_would_come_out_at_several_sizes_are_refused_before_any_forward_pass(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    message = (
+        "The images would come out of ViTImageProcessorPil (do_resize=False, size={'height': 224, 'width': 224}, "
+        "do_center_crop=None) at 2 different sizes (height x width): 30x30 (3 images), 20x40 (2 images). "
+        "Distillation needs every image on one patch grid. Pass a processor that resizes to a fixed size "
+        "(size={'height': H, 'width': W}) or centre-crops (do_center_crop=True with a crop_size)."
+    )
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to="none")
+    config = PHRegConfig(num_views=2, cache_targets=True, target_cache_dir=str(tmp_path / "cache"))
+    with count_forward_passes() as passes, pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        distill_registers(build_tiny_model("tiny-dinov2"), mixed_size_images(tmp_path / "train"), config, args,
+                          processor=ViTImageProcessorPil(do_resize=False))  # fmt: skip
+    assert passes.call_count == 0 and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_processor_that_gives_the_images_one_size_trains_on_them(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    from register_adapter.methods.distillation.data import common_output_size
+
+    files = mixed_size_images(tmp_path / "train")
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                                         use_cpu=True, report_to="none", save_strategy="no")  # fmt: skip
+    # A resize to a height and a width (any image sizes), a shortest-edge resize of images of one size (20x40 -> 30x60).
+    for processor, images, size in [
+        (ViTImageProcessorPil(size={"height": 30, "width": 30}), files, (30, 30)),
+        (ViTImageProcessorPil(size={"shortest_edge": 30}), files[3:], (30, 60)),
+    ]:
+        assert common_output_size(load_unlabelled_images(images), processor) == size
+        model = distill_registers(build_tiny_model("tiny-dinov2"), images, PHRegConfig(num_views=2), args,
+                                  processor=processor)  # fmt: skip
+        assert type(model) is PeftModel
+
+
 def test_a_dataset_without_an_image_column_is_refused(tmp_path):
     dataset = datasets.Dataset.from_dict({"picture": [np.zeros((4, 4, 3), dtype=np.uint8)]})
     args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ...architectures import find_vision_tower
 from ...errors import InvalidConfigError
-from ...geometry import patch_grid, target_size
+from ...geometry import patch_grid
 from ...pixels import default_processor
 from ...sources import load_unlabelled_images
 from ...training.arguments import ImageDataArguments
@@ -39,7 +39,7 @@ from ...tuner.config import RegisterConfig
 from ...tuner.unlocked import check_unlockable
 from .cache import cache_key, cached_targets, default_cache_dir, processor_settings
 from .config import PHRegConfig
-from .data import SAMPLE_ID, TARGETS, DistillationImages, find_small_images, view_rng
+from .data import SAMPLE_ID, TARGETS, DistillationImages, common_output_size, find_small_images, view_rng
 from .teacher import DenoisedTeacher, check_distillable, final_patch_tokens, max_offsets
 
 logger = logging.getLogger(__name__)
@@ -274,10 +274,10 @@ def run_distillation(
     processor = processor if processor is not None else default_processor(tower)
     if config.cache_targets:
         processor_settings(processor)  # a processor the cache cannot be keyed on is refused now
-    size = target_size(processor)
+    images = load_unlabelled_images(dataset, image_column=data_args.image_column_name)
+    size = common_output_size(images, processor)
     grid = patch_grid(size, tower.patch_size)
     max_offsets(config.max_shift, grid)
-    images = load_unlabelled_images(dataset, image_column=data_args.image_column_name)
     register_config = RegisterConfig(**config.register_config_kwargs(tower))
     register_config.base_model_name_or_path = model.__dict__.get("name_or_path") or None  # as get_peft_model
     check_unlockable(tower, register_config.unlocked_weights or [])
