@@ -43,6 +43,24 @@ def _resized_size(processor: Any, image_size: tuple[int, int]) -> tuple[int, int
     return None
 
 
+def output_size(processor: Any, image_size: tuple[int, int]) -> tuple[int, int] | None:
+    """(height, width) of the pixel values ``processor`` makes of an image of ``image_size`` (height, width): its
+    centre crop, else its resize (``None`` for a resize rule not known here)."""
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    height, width = size_field(crop, "height"), size_field(crop, "width")
+    if crop is not None and height and width:  # a crop larger than the resized image pads it
+        return int(height), int(width)
+    resized = _resized_size(processor, image_size)
+    return None if resized is None else (int(resized[0]), int(resized[1]))
+
+
+def fixed_output_size(processor: Any) -> tuple[int, int] | None:
+    """The (height, width) of every image's pixel values when ``processor`` makes them all one size (a resize to a
+    height and a width, or a centre crop); ``None`` when the size follows the image's."""
+    tall, wide = output_size(processor, (997, 13)), output_size(processor, (13, 997))  # two very different images
+    return tall if tall is not None and tall == wide else None
+
+
 def input_to_image(
     processor: Any, image_size: tuple[int, int], input_size: tuple[int, int]
 ) -> tuple[float, float, float, float]:

@@ -89,12 +89,13 @@ def test_distill_saves_one_adapter_with_a_card_of_the_run_that_from_pretrained_r
     assert torch.equal(features(restored), features(model))
     assert not torch.equal(features(model), features(build_tiny_model("tiny-dinov2")))
 
-    # 12 images, batch 4, 2 epochs: 6 steps, the learning rate decays exponentially from 1e-4 to 5e-6.
+    # 12 images, batch 4, 2 epochs: 6 steps, the learning rate decays exponentially from 1e-4 to exactly 5e-6.
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4, 5, 6]
     for entry in logged:
-        assert entry["learning_rate"] == pytest.approx(1e-4 * 0.05 ** ((entry["step"] - 1) / 6), rel=1e-6)
+        assert entry["learning_rate"] == pytest.approx(1e-4 * 0.05 ** ((entry["step"] - 1) / 5), rel=1e-9)
+    assert (logged[0]["learning_rate"], logged[-1]["learning_rate"]) == pytest.approx((1e-4, 5e-6), rel=1e-12)
 
     card = (out / "README.md").read_text()
     assert (
@@ -109,6 +110,49 @@ def test_distill_saves_one_adapter_with_a_card_of_the_run_that_from_pretrained_r
         assert row in card, row
     assert "- registers-distilled" in card and "arxiv.org/abs/2505.21501" in card
     assert model.card_metadata["metrics"]["final loss"] == logged[-1]["loss"]
+
+
+# the learning-rate schedule --------------------------------------------------------------------------------------
+
+
+def learning_rates(steps: int, warmup: int = 0) -> list[float]:
+    """The learning rate of each optimizer step of a ``steps``-step run with the PH-Reg schedule."""
+    from types import SimpleNamespace
+
+    from register_adapter.methods.distillation import RegisterDistillationTrainer
+
+    args = DistillationTrainingArguments(output_dir="unused", warmup_steps=warmup, use_cpu=True, report_to="none")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = RegisterDistillationTrainer.create_scheduler(SimpleNamespace(args=args, lr_scheduler=None), steps,
+                                                             optimizer)  # fmt: skip
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("steps", "warmup", "first"),
+    [(10, 0, [1e-4]), (10, 2, [1e-4 / 3, 2e-4 / 3, 1e-4]), (2, 0, [1e-4]), (1, 0, [1e-4])],
+)
+def test_the_learning_rate_decays_to_exactly_the_final_one_at_the_last_step(steps, warmup, first):
+    rates = learning_rates(steps, warmup)
+    assert rates[: len(first)] == pytest.approx(first, rel=1e-12)
+    if steps - warmup > 1:
+        assert rates[-1] == pytest.approx(5e-6, rel=1e-12)
+        assert all(a > b for a, b in zip(rates[warmup:], rates[warmup + 1 :]))
+
+
+@pytest.mark.parametrize("final", [0.0, -1e-6, 2e-4])
+def test_a_final_learning_rate_outside_the_decay_is_refused(final):
+    message = (
+        f"final_learning_rate must satisfy 0 < final_learning_rate <= learning_rate (0.0001), got {final!r}. PH-Reg "
+        "decays from 1e-4 to 5e-6; pass --final_learning_rate None to use --lr_scheduler_type instead."
+    )
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        DistillationTrainingArguments(output_dir="unused", final_learning_rate=final, use_cpu=True, report_to="none")
 
 
 # the target cache --------------------------------------------------------------------------------------------------
@@ -178,6 +222,48 @@ def test_the_teacher_fingerprint_follows_the_weights_and_settings_not_the_adapte
     with torch.no_grad():
         student.get_base_model().layernorm.weight[0] += 1e-3
     assert DenoisedTeacher(student).fingerprint() != reference
+
+
+def test_the_cache_key_follows_the_processors_settings_not_its_instance(images):
+    from transformers import ViTImageProcessorPil
+
+    from register_adapter.methods.distillation.cache import cache_key
+
+    teacher = DenoisedTeacher(build_tiny_model("tiny-vit"), num_views=2)
+
+    def key(**settings) -> str:
+        processor = ViTImageProcessorPil(size={"height": 30, "width": 30}, **settings)
+        data = DistillationImages(load_unlabelled_images(images), processor, 2, (30, 30))
+        return cache_key(data, teacher, seed=0, dtype="float16", precision="fp32")
+
+    assert key() == key()  # two instances, the same settings: one cache
+    assert key(image_mean=[0.4, 0.5, 0.5]) != key()
+    assert key(resample=0) != key()
+
+
+class Resize:
+    """An image processor without ``to_json_string``: nothing but its ``repr`` would name its settings."""
+
+    size = {"height": 30, "width": 30}
+
+    def __call__(self, images, **kwargs):
+        arrays = [
+            np.asarray(image.resize((30, 30)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1 for image in images
+        ]
+        return {"pixel_values": arrays}
+
+
+def test_a_processor_the_cache_cannot_be_keyed_on_is_refused_before_any_forward_pass(images, tmp_path):
+    message = (
+        "cache_targets keys the target cache on the image processor's settings, but Resize has no to_json_string() to "
+        "read them from (transformers image processors have one). Pass a transformers image processor, or leave out "
+        "--cache_targets."
+    )
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to="none")
+    config = PHRegConfig(num_views=2, cache_targets=True, target_cache_dir=str(tmp_path / "cache"))
+    with count_forward_passes() as passes, pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        distill_registers(build_tiny_model("tiny-vit"), images, config, args, processor=Resize())
+    assert passes.call_count == 0 and not (tmp_path / "cache").exists()
 
 
 def test_cache_chunks_are_shared_between_processes(tmp_path, images):
@@ -295,6 +381,53 @@ def test_bad_input_is_refused_before_any_forward_pass(tmp_path, make, extra, err
         run(data, tmp_path / "out", "--max_steps", "1", *extra)
     assert passes.call_count == 0
     assert not (tmp_path / "out").exists()
+
+
+def mixed_size_images(root: Path) -> list[Path]:
+    """Three 30x30 images and two 20x40 ones (height x width)."""
+    root.mkdir(parents=True)
+    files = []
+    for i, (height, width) in enumerate([(30, 30)] * 3 + [(20, 40)] * 2):
+        files.append(root / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(files[-1])
+    return files
+
+
+def test_images_that_would_come_out_at_several_sizes_are_refused_before_any_forward_pass(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    message = (
+        "The images would come out of ViTImageProcessorPil (do_resize=False, size={'height': 224, 'width': 224}, "
+        "do_center_crop=None) at 2 different sizes (height x width): 30x30 (3 images), 20x40 (2 images). "
+        "Distillation needs every image on one patch grid. Pass a processor that resizes to a fixed size "
+        "(size={'height': H, 'width': W}) or centre-crops (do_center_crop=True with a crop_size)."
+    )
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to="none")
+    config = PHRegConfig(num_views=2, cache_targets=True, target_cache_dir=str(tmp_path / "cache"))
+    with count_forward_passes() as passes, pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        distill_registers(build_tiny_model("tiny-dinov2"), mixed_size_images(tmp_path / "train"), config, args,
+                          processor=ViTImageProcessorPil(do_resize=False))  # fmt: skip
+    assert passes.call_count == 0 and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_processor_that_gives_the_images_one_size_trains_on_them(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    from register_adapter.methods.distillation.data import common_output_size
+
+    files = mixed_size_images(tmp_path / "train")
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                                         use_cpu=True, report_to="none", save_strategy="no")  # fmt: skip
+    # A resize to a height and a width (any image sizes), a shortest-edge resize of images of one size (20x40 -> 30x60).
+    for processor, images, size in [
+        (ViTImageProcessorPil(size={"height": 30, "width": 30}), files, (30, 30)),
+        (ViTImageProcessorPil(size={"shortest_edge": 30}), files[3:], (30, 60)),
+    ]:
+        assert common_output_size(load_unlabelled_images(images), processor) == size
+        model = distill_registers(build_tiny_model("tiny-dinov2"), images, PHRegConfig(num_views=2), args,
+                                  processor=processor)  # fmt: skip
+        assert type(model) is PeftModel
 
 
 def test_a_dataset_without_an_image_column_is_refused(tmp_path):

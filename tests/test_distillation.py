@@ -19,7 +19,7 @@ from register_adapter.errors import InvalidConfigError, UnsupportedModelError
 from register_adapter.geometry import patch_grid
 from register_adapter.methods.distillation import DenoisedTeacher, PHRegConfig, distill_registers, distillation_loss
 from register_adapter.methods.distillation.teacher import final_patch_tokens
-from register_adapter.testing import make_object_images
+from register_adapter.testing import PLANTABLE_FAMILIES, make_object_images
 from register_adapter.tiny import build_tiny_model, tiny_image_size
 from register_adapter.training.distillation import DistillationTrainingArguments
 
@@ -134,7 +134,7 @@ def test_the_teacher_is_the_model_with_its_adapter_disabled_and_leaves_the_stude
     assert student.training and [name for name, p in student.named_parameters() if p.requires_grad] == trainable
 
 
-@pytest.mark.parametrize("family", ["dinov2", "vit", "clip", "siglip"])
+@pytest.mark.parametrize("family", PLANTABLE_FAMILIES)
 def test_the_denoised_teacher_is_closer_to_the_oracle_than_the_raw_teacher(family):
     planted = planted_model(family)
     images = planted.preprocess(make_object_images(8, planted.image_size, seed=2).images)
@@ -235,13 +235,13 @@ def high_norm_share(model: torch.nn.Module, images: torch.Tensor, num_patches: i
     return max(float((n > 5 * n.median()).float().mean()) for n in norms)
 
 
-def distill_planted(folder, **config) -> tuple[float, float, float, float]:
-    """Distill a DINOv2 with planted artifacts on 16 scenes (120 steps, target cache); returns the share of patch
-    tokens far from the oracle before and after, and the share of high-norm tokens in the residual stream before and
-    after, on 16 other scenes."""
+def distill_planted(folder, family: str = "dinov2", **config) -> tuple[float, float, float, float]:
+    """Distill a model of ``family`` with planted artifacts on 16 scenes (120 steps, target cache); returns the share
+    of patch tokens far from the oracle before and after, and the share of high-norm tokens in the residual stream
+    before and after, on 16 other scenes."""
     from register_adapter.testing import make_artifact_model
 
-    planted = make_artifact_model("dinov2")  # a copy of its own: distillation adds the adapter in place
+    planted = make_artifact_model(family)  # a copy of its own: distillation adds the adapter in place
     train = make_object_images(16, planted.image_size, seed=1).images
     test = planted.preprocess(make_object_images(16, planted.image_size, seed=2).images)
     num_patches = (planted.image_size // planted.patch_size) ** 2
@@ -264,12 +264,24 @@ def distill_planted(folder, **config) -> tuple[float, float, float, float]:
     return far_before, far_after, high_before, high_norm_share(student, test, num_patches)
 
 
+# The least drop of the share of patch tokens far from the oracle, and of high-norm tokens in the residual stream, after
+# 120 steps (20-40 s each on 2 CPU cores). The proof (both >= 80 %) holds for DINOv2 and SigLIP; the others fall short
+# where docs/distillation.md ("Measured") says why: ViT and I-JEPA reach 80 % on the far share only just (one token
+# of 4096 either way), DINOv2 with registers 76 %, CLIP about 60 % (its denoised teacher is itself 85 % of the way:
+# denoising also removes the position signal that CLIP's pre-norm makes large in plain patches), and DeiT's unlocked
+# last block hides the artifacts behind the final norm instead of stopping them (None: the high-norm share stays).
+PLANTED_DROPS = [("dinov2", 0.8, 0.8), ("siglip", 0.8, 0.8), ("vit", 0.75, 0.8), ("ijepa", 0.75, 0.8),
+                 ("dinov2-with-registers", 0.7, 0.8), ("clip-vision", 0.55, 0.8), ("deit", 0.8, None)]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_distillation_removes_planted_artifacts(tmp_path):
-    far_before, far_after, high_before, high_after = distill_planted(tmp_path)
+@pytest.mark.parametrize(("family", "far_drop", "high_drop"), PLANTED_DROPS)
+def test_distillation_removes_planted_artifacts(tmp_path, family, far_drop, high_drop):
+    far_before, far_after, high_before, high_after = distill_planted(tmp_path, family)
     assert (far_before, high_before) > (0.015, 0.015)
-    assert far_after <= 0.2 * far_before
-    assert high_after <= 0.2 * high_before
+    assert far_after <= (1 - far_drop) * far_before
+    if high_drop is not None:
+        assert high_after <= (1 - high_drop) * high_before
 
 
 @pytest.mark.slow

@@ -22,11 +22,12 @@ From Python:
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
 
 from peft import PeftModel
 
-from ..errors import DataError
+from ..errors import DataError, InvalidConfigError
 from ..loading import load_model
 from ..methods.distillation import PHRegConfig
 from ..methods.distillation.trainer import run_distillation
@@ -57,6 +58,13 @@ class DistillationTrainingArguments(AdapterTrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        final = self.final_learning_rate
+        if final is not None and not (isinstance(final, numbers.Real) and 0 < final <= self.learning_rate):
+            raise InvalidConfigError(
+                f"final_learning_rate must satisfy 0 < final_learning_rate <= learning_rate ({self.learning_rate}), "
+                f"got {final!r}. PH-Reg decays from 1e-4 to 5e-6; pass --final_learning_rate None to use "
+                "--lr_scheduler_type instead."
+            )
         if self.final_learning_rate is not None and str(self.lr_scheduler_type.value) != "linear":
             logger.warning(
                 "--lr_scheduler_type %s is not used: the learning rate decays exponentially to "

@@ -6,7 +6,7 @@ then drawn once (from the seed and the image's index) rather than at every step,
 of the image processor.
 
 A cache lives in a folder named by a key over everything the targets depend on: the images (the dataset's
-fingerprint and size), the processor's settings, the teacher's weights and settings (see
+fingerprint and size), the processor's class and settings (:func:`processor_settings`), the teacher's weights and settings (see
 :meth:`~register_adapter.methods.distillation.DenoisedTeacher.fingerprint`), the seed, the mixed precision and the
 stored dtype. Another model, other settings or other images give another folder, so a stale cache is never read;
 each row also keeps a hash of the pixels its targets came from, checked when it is read. The targets are written in
@@ -31,12 +31,13 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from ...errors import InvalidConfigError
 from .data import PIXEL_DIGEST, TARGETS, DistillationImages, pixel_digest, view_rng
 from .teacher import DenoisedTeacher
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CHUNK_SIZE = 256
 
 
@@ -45,15 +46,33 @@ def default_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "register_adapter" / "distillation_targets"
 
 
+def processor_settings(processor: Any) -> str:
+    """The class and every setting of an image processor (its ``to_json_string()``), for cache keys: equal for two
+    instances with the same settings, different when any setting differs.
+
+    Raises:
+        InvalidConfigError: the processor has no ``to_json_string()``; its ``repr`` could hold a memory address (the
+            cache would never be reused) or leave settings out (a stale cache would be read).
+    """
+    to_json = getattr(processor, "to_json_string", None)
+    kind = type(processor)
+    if not callable(to_json):
+        raise InvalidConfigError(
+            f"cache_targets keys the target cache on the image processor's settings, but {kind.__name__} has no "
+            "to_json_string() to read them from (transformers image processors have one). Pass a transformers image "
+            "processor, or leave out --cache_targets."
+        )
+    return f"{kind.__module__}.{kind.__qualname__} {to_json()}"
+
+
 def cache_key(data: DistillationImages, teacher: DenoisedTeacher, *, seed: int, dtype: str, precision: str) -> str:
     """The name of the cache folder of ``data``'s targets under ``teacher`` (see the module docstring)."""
-    to_json = getattr(data.processor, "to_json_string", None)
     fields = {
         "version": CACHE_VERSION,
         "images": data.images._fingerprint,
         "rows": len(data),
         "size": list(data.size),
-        "processor": to_json() if callable(to_json) else repr(data.processor),
+        "processor": processor_settings(data.processor),
         "teacher": teacher.fingerprint(),
         "seed": seed,
         "dtype": dtype,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import Counter
 from typing import Any
 
 import datasets
@@ -13,7 +14,7 @@ import PIL.Image
 import torch
 
 from ...errors import DataError
-from ...geometry import patch_grid
+from ...geometry import fixed_output_size, output_size, patch_grid, size_field, target_size
 from ...images import rgb_image
 from ...sources import IMAGE_COLUMN
 from .teacher import crop_to_grid
@@ -98,24 +99,74 @@ class DistillationImages(torch.utils.data.Dataset):
         return item
 
 
+def image_sizes(dataset: datasets.Dataset) -> list[tuple[int, int] | None]:
+    """The (height, width) of every image, from its file header only; ``None`` where it cannot be opened (left to the
+    readability check)."""
+    raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+    values = (value for batch in raw.iter(batch_size=256) for value in batch[IMAGE_COLUMN])  # bounded memory
+    sizes = []
+    for value in values:
+        source = value["bytes"] if value.get("bytes") is not None else value.get("path")
+        try:
+            with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                sizes.append((image.height, image.width))
+        except Exception:  # unreadable: reported by find_unreadable_images
+            sizes.append(None)
+    return sizes
+
+
 def find_small_images(dataset: datasets.Dataset, grid: tuple[int, int]) -> dict[int, str]:
     """The rows whose image has fewer pixels than ``grid`` has patches along a side: less than one pixel per patch.
 
     Only file headers are read; images that cannot be opened are left to the readability check.
     """
-    raw = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
-    values = (value for batch in raw.iter(batch_size=256) for value in batch[IMAGE_COLUMN])  # bounded memory
     problems = {}
-    for index, value in enumerate(values):
-        source = value["bytes"] if value.get("bytes") is not None else value.get("path")
-        try:
-            with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                width, height = image.size
-        except Exception:  # unreadable: reported by find_unreadable_images
-            continue
-        if height < grid[0] or width < grid[1]:
+    for index, size in enumerate(image_sizes(dataset)):
+        if size is not None and (size[0] < grid[0] or size[1] < grid[1]):
             problems[index] = (
-                f"{width}x{height} pixels, smaller than the {grid[1]}x{grid[0]} patch grid: less than one pixel per "
+                f"{size[1]}x{size[0]} pixels, smaller than the {grid[1]}x{grid[0]} patch grid: less than one pixel per "
                 "patch"
             )
     return problems
+
+
+def common_output_size(dataset: datasets.Dataset, processor: Any) -> tuple[int, int]:
+    """The one (height, width) at which ``processor`` gives the pixel values of every image of ``dataset``.
+
+    A processor that resizes to a height and a width, or centre-crops, gives one size whatever the images: nothing is
+    read. Otherwise (no resize, or a resize that keeps the aspect ratio) the size follows each image's: the file
+    headers are read, and the processor runs once per distinct image size whose resize rule is not known here.
+
+    Raises:
+        DataError: the images would come out at different sizes; the message lists them and how to fix it.
+    """
+    fixed = fixed_output_size(processor)
+    if fixed is not None:
+        return fixed
+    outputs: Counter[tuple[int, int]] = Counter()
+    by_input: dict[tuple[int, int], tuple[int, int]] = {}
+    for index, size in enumerate(image_sizes(dataset)):
+        if size is None:
+            continue
+        if size not in by_input:
+            known = output_size(processor, size)
+            if known is None:
+                image = rgb_image(dataset[index][IMAGE_COLUMN])
+                known = tuple(np.asarray(processor(images=[image])["pixel_values"][0]).shape[-2:])
+            by_input[size] = known
+        outputs[by_input[size]] += 1
+    if len(outputs) > 1:
+        listed = ", ".join(f"{h}x{w} ({n} images)" for (h, w), n in outputs.most_common(5))
+        more = f" and {len(outputs) - 5} more" if len(outputs) > 5 else ""
+        size = {key: size_field(processor.size, key) for key in ("height", "width", "shortest_edge", "longest_edge")}
+        settings = (
+            f"do_resize={getattr(processor, 'do_resize', None)}, size={ {k: v for k, v in size.items() if v} }, "
+            f"do_center_crop={getattr(processor, 'do_center_crop', None)}"
+        )
+        raise DataError(
+            f"The images would come out of {type(processor).__name__} ({settings}) at {len(outputs)} different sizes "
+            f"(height x width): {listed}{more}. Distillation needs every image on "
+            "one patch grid. Pass a processor that resizes to a fixed size (size={'height': H, 'width': W}) or "
+            "centre-crops (do_center_crop=True with a crop_size)."
+        )
+    return next(iter(outputs)) if outputs else target_size(processor)

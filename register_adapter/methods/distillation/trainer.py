@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ...architectures import find_vision_tower
 from ...errors import InvalidConfigError
-from ...geometry import patch_grid, target_size
+from ...geometry import patch_grid
 from ...pixels import default_processor
 from ...sources import load_unlabelled_images
 from ...training.arguments import ImageDataArguments
@@ -37,9 +37,9 @@ from ...training.runtime import (
 )
 from ...tuner.config import RegisterConfig
 from ...tuner.unlocked import check_unlockable
-from .cache import cache_key, cached_targets, default_cache_dir
+from .cache import cache_key, cached_targets, default_cache_dir, processor_settings
 from .config import PHRegConfig
-from .data import SAMPLE_ID, TARGETS, DistillationImages, find_small_images, view_rng
+from .data import SAMPLE_ID, TARGETS, DistillationImages, common_output_size, find_small_images, view_rng
 from .teacher import DenoisedTeacher, check_distillable, final_patch_tokens, max_offsets
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,10 @@ class RegisterDistillationTrainer(Trainer):
         model: The student.
         args: Training arguments; with a ``final_learning_rate`` (see
             :class:`~register_adapter.training.distillation.DistillationTrainingArguments`) the learning rate decays
-            exponentially to it, as in the paper.
+            exponentially, as in the paper: after ``warmup_steps`` steps of linear warmup (step ``s < W`` uses
+            ``learning_rate * (s + 1) / (W + 1)``), step ``s`` of ``T`` uses ``learning_rate * (final_learning_rate /
+            learning_rate) ** ((s - W) / (T - 1 - W))``: ``learning_rate`` at the first step after the warmup,
+            exactly ``final_learning_rate`` at the last (a single step after the warmup uses ``learning_rate``).
         teacher: The teacher, made from ``model``.
         config: The PH-Reg settings (loss weights, cache).
         **kwargs: Further ``Trainer`` arguments (``train_dataset``: a :class:`DistillationImages`).
@@ -147,10 +150,11 @@ class RegisterDistillationTrainer(Trainer):
         warmup = self.args.get_warmup_steps(num_training_steps)
         ratio = final / self.args.learning_rate
 
-        def factor(step: int) -> float:  # linear warmup, then learning_rate * ratio ** (progress of the decay)
-            if step < warmup:
+        def factor(step: int) -> float:  # of the optimizer step `step` (0-based)
+            if step < warmup:  # linear warmup
                 return (step + 1) / (warmup + 1)
-            return ratio ** ((step - warmup) / max(1, num_training_steps - warmup))
+            # learning_rate at the first step after the warmup, final_learning_rate at the last (num_training_steps - 1)
+            return ratio ** min(1.0, (step - warmup) / max(1, num_training_steps - 1 - warmup))
 
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
         self._created_lr_scheduler = True
@@ -268,10 +272,12 @@ def run_distillation(
     tower = find_vision_tower(model)
     check_distillable(tower)
     processor = processor if processor is not None else default_processor(tower)
-    size = target_size(processor)
+    if config.cache_targets:
+        processor_settings(processor)  # a processor the cache cannot be keyed on is refused now
+    images = load_unlabelled_images(dataset, image_column=data_args.image_column_name)
+    size = common_output_size(images, processor)
     grid = patch_grid(size, tower.patch_size)
     max_offsets(config.max_shift, grid)
-    images = load_unlabelled_images(dataset, image_column=data_args.image_column_name)
     register_config = RegisterConfig(**config.register_config_kwargs(tower))
     register_config.base_model_name_or_path = model.__dict__.get("name_or_path") or None  # as get_peft_model
     check_unlockable(tower, register_config.unlocked_weights or [])
