@@ -284,6 +284,10 @@ CLI_ERRORS = {
         ["--bf16"],
         "Your setup doesn't support bf16/gpu. You need to assign use_cpu if you want to train the model on CPU.",
     ),
+    "register setting out of range": (
+        ["--num_register_tokens", "0"],
+        "num_register_tokens must be a positive int, got 0. Papers use 4 (trained) or 16 (PH-Reg).",
+    ),
     "no such model": (["--model", "./no/such/model"], "Cannot load model './no/such/model': no such folder. Give a "
                       "folder saved with save_pretrained, a Hub id, a built-in tiny model (tiny-vit, ...) or "
                       "planted:<family>."),

@@ -123,6 +123,11 @@ class RegisterArguments:
     lora_dropout: float = config_field("lora_dropout")
     lora_target_modules: list[str] = config_field("lora_target_modules")
 
+    def __post_init__(self) -> None:
+        # Checked as RegisterConfig checks them, when the flags are parsed: a bad value is a usage error, reported
+        # before any data is loaded (InvalidConfigError is a ValueError, which the parser reports).
+        RegisterConfig(**register_config_kwargs(self))
+
 
 @dataclass
 class AdapterTrainingArguments(TrainingArguments):
