@@ -117,7 +117,10 @@ def load_model(
         except (OSError, ValueError):
             processor = default_processor(_tower(model))
             logger.warning(
-                "No image processor found for %s; resizing to %s px, mean = std = 0.5.", name, processor.size
+                "No image processor found for %s; resizing to %dx%d px (height x width), mean = std = 0.5.",
+                name,
+                processor.size["height"],
+                processor.size["width"],
             )
     if adapter is not None:
         model = load_adapter(model, adapter, need_heads=task == "classification")
