@@ -1,7 +1,11 @@
 """Loading a model by name (a folder, a Hub id, a built-in tiny model, planted:<family>) with its image processor."""
 
 import logging
+import re
 
+import pytest
+
+from register_adapter.errors import InvalidConfigError
 from register_adapter.loading import load_model
 from register_adapter.tiny import build_tiny_model
 
@@ -14,3 +18,13 @@ def test_a_model_saved_without_an_image_processor_gets_the_default_one_and_says_
     assert caplog.messages == [
         f"No image processor found for {tmp_path}; resizing to 30x30 px (height x width), mean = std = 0.5."
     ]
+
+
+@pytest.mark.parametrize("name", ["./no/model", "no-model/", "~/no-model"])
+def test_a_model_path_that_does_not_exist_is_reported_as_a_missing_folder(name):
+    message = (
+        f"Cannot load model '{name}': no such folder. Give a folder saved with save_pretrained, a Hub id, a built-in "
+        "tiny model (tiny-vit, ...) or planted:<family>."
+    )
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        load_model(name)
