@@ -40,8 +40,9 @@ def first_line(error: BaseException) -> str:
     return line if line.endswith((".", "!", "?")) else line + "."
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, not a Hub id (``name`` or ``org/name``)."""
+    return name.startswith(("/", ".", "~")) or name.endswith("/") or "\\" in name or name.count("/") > 1
 
 
 def _labels_kwargs(labels: list[str] | None) -> dict[str, Any]:
@@ -117,7 +118,10 @@ def load_model(
         except (OSError, ValueError):
             processor = default_processor(_tower(model))
             logger.warning(
-                "No image processor found for %s; resizing to %s px, mean = std = 0.5.", name, processor.size
+                "No image processor found for %s; resizing to %dx%d px (height x width), mean = std = 0.5.",
+                name,
+                processor.size["height"],
+                processor.size["width"],
             )
     if adapter is not None:
         model = load_adapter(model, adapter, need_heads=task == "classification")
@@ -149,7 +153,7 @@ def _config(name: str, label_kwargs: dict[str, Any], **hub_kwargs: Any) -> Any:
     import transformers
 
     try:
-        if _looks_like_path(name) and not Path(name).expanduser().exists():
+        if looks_like_path(name) and not Path(name).expanduser().exists():
             raise FileNotFoundError("no such folder")
         return transformers.AutoConfig.from_pretrained(name, **label_kwargs, **hub_kwargs)
     except (OSError, ValueError, KeyError) as error:
@@ -197,7 +201,7 @@ def load_adapter(model: nn.Module, adapter: str, *, need_heads: bool = False) ->
     from peft import PeftModel
 
     try:
-        if _looks_like_path(adapter) and not Path(adapter).expanduser().exists():
+        if looks_like_path(adapter) and not Path(adapter).expanduser().exists():
             raise FileNotFoundError("no such folder")
         with warnings.catch_warnings():
             if need_heads:

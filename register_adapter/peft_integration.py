@@ -136,13 +136,24 @@ def _peft_imported() -> bool:
 
 
 class _AfterPeftImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register_method` right after ``peft`` (the package) has been imported, then removes itself."""
+    """Runs :func:`register_method` right after ``peft`` (the package) has been imported, then removes itself.
+
+    It finds ``peft`` with the finders after it in ``sys.meta_path``, as the import would have without it: ``peft`` may
+    come from a finder of its own (an editable install, a bundled application) rather than from ``sys.path``.
+    """
+
+    def __init__(self) -> None:
+        self._searching = False
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "peft":
+        if fullname != "peft" or self._searching:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        self._searching = True  # a finder that itself looks for peft must not come back here
+        try:
+            spec = _find_with_other_finders(fullname, path, target)
+        finally:
+            self._searching = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
@@ -153,6 +164,17 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_then_register
         return spec
+
+
+def _find_with_other_finders(fullname: str, path: Any, target: Any) -> importlib.machinery.ModuleSpec | None:
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if isinstance(finder, _AfterPeftImport) or find_spec is None:
+            continue
+        spec = find_spec(fullname, path, target)
+        if spec is not None:
+            return spec
+    return None
 
 
 def _remove_hook() -> None:

@@ -64,11 +64,20 @@ def atomic_save(save_directory: str | os.PathLike, save: Any, **kwargs: Any) -> 
         except BaseException:
             _roll_back(save_directory, journal)
             raise
-        shutil.rmtree(journal)
+        _discard(journal)
 
 
 JOURNAL_SUFFIX = ".previous"
+DISCARDED_SUFFIX = ".discarded"
 CREATED_LIST = "created.json"
+
+
+def _discard(journal: str) -> None:
+    """Remove ``journal``. It is renamed first, in one step: a removal stopped half-way must not leave a journal that
+    a later recovery would roll back with some of its files gone."""
+    discarded = journal.removesuffix(JOURNAL_SUFFIX) + DISCARDED_SUFFIX
+    os.rename(journal, discarded)
+    shutil.rmtree(discarded)
 
 
 def _write_journal(save_directory: str, files: list[str], journal: str) -> str:
@@ -107,7 +116,7 @@ def _roll_back(save_directory: str, journal: str) -> None:
         for name in names:
             path = os.path.relpath(os.path.join(root, name), kept)
             os.replace(os.path.join(kept, path), os.path.join(save_directory, path))
-    shutil.rmtree(journal)
+    _discard(journal)
 
 
 def recover_interrupted_saves(folder: str | os.PathLike) -> None:

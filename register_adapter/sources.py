@@ -53,7 +53,7 @@ def find_image_files(inputs: Sequence[str | os.PathLike], *, check: bool = False
 
     paths: list[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = Path(item).expanduser()
         if path.is_dir():
             found = image_files_in(path)
             if not found:
@@ -105,17 +105,17 @@ def load_unlabelled_images(
     Images are not decoded here (see :func:`check_images`).
 
     Raises:
-        DataError: no images, a missing split or column, or a column that holds no images.
+        DataError: a path that does not exist, no images, a missing split or column, or a column that holds no
+            images.
     """
-    if (
-        isinstance(source, (str, os.PathLike))
-        and not Path(source).is_dir()
-        and not Path(source).is_file()
-        or isinstance(source, (str, os.PathLike))
-        and Path(source).is_dir()
-        and _is_saved_dataset(Path(source))
-    ):
-        source = load_named_dataset(os.fspath(source), config_name, cache_dir)
+    if isinstance(source, (str, os.PathLike)):
+        from .loading import looks_like_path
+
+        path = Path(source).expanduser()
+        if not path.exists() and (not isinstance(source, str) or looks_like_path(source)):
+            raise DataError(f"Image path '{source}' does not exist.")
+        if not path.exists() or path.is_dir() and _is_saved_dataset(path):
+            source = load_named_dataset(os.fspath(source), config_name, cache_dir)
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise DataError(f"The dataset has no split {split!r}. Available splits: {', '.join(source)}.")

@@ -16,7 +16,12 @@ from transformers import CLIPImageProcessorPil, EvalPrediction, ViTImageProcesso
 
 from register_adapter.errors import DataError
 from register_adapter.images import image_extensions, load_image, rgb_image
-from register_adapter.sources import check_images, drop_unreadable_images, find_unreadable_images
+from register_adapter.sources import (
+    check_images,
+    drop_unreadable_images,
+    find_unreadable_images,
+    load_unlabelled_images,
+)
 from register_adapter.training.augment import ImageClassificationTransform, apply_transforms, random_resized_crop_box
 from register_adapter.training.data import check_labels, load_image_dataset, load_image_folder, take_samples
 from register_adapter.training.metrics import ClassificationMetrics, top_k_predictions
@@ -94,6 +99,20 @@ def test_missing_folder_is_reported(tmp_path):
         DataError, match=f"^Image folder {re.escape(repr(str(missing)))} does not exist or is not a directory.$"
     ):
         load_image_folder(missing)
+
+
+@pytest.mark.parametrize("kind", ["path", "relative with slash", "Path"])
+def test_unlabelled_images_from_a_folder_that_does_not_exist_are_reported_as_such(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    source = {"path": str(tmp_path / "photos"), "relative with slash": "photos/", "Path": tmp_path / "photos"}[kind]
+    with pytest.raises(DataError, match=f"^Image path {re.escape(repr(str(source)))} does not exist.$"):
+        load_unlabelled_images(source)
+
+
+def test_unlabelled_images_from_a_folder_under_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_image_folder(tmp_path / "photos", per_class=1)
+    assert len(load_unlabelled_images("~/photos")) == 2
 
 
 def test_folder_without_class_folders_is_reported(tmp_path):

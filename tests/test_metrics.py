@@ -1,10 +1,13 @@
 """The metrics ship as ``evaluate`` modules that load offline from their local paths and agree with the library's own
 functions."""
 
+import re
+
 import evaluate
 import numpy as np
 import pytest
 
+from register_adapter.errors import InvalidConfigError
 from register_adapter.metrics import MODULES, ArtifactNorms, CorLoc, TopKAccuracy, corloc, module_path
 from register_adapter.training.metrics import ClassificationMetrics
 
@@ -25,6 +28,18 @@ def test_top_k_accuracy_numbers():
     assert TopKAccuracy().compute(predictions=[1, 2, 2], references=[1, 2, 3], k=1) == {
         "accuracy": pytest.approx(2 / 3)
     }
+
+
+def test_top_k_accuracy_is_reported_only_where_the_predictions_rank_k_classes():
+    accuracy = evaluate.load(module_path("accuracy"))
+    assert accuracy.compute(predictions=[3, 0], references=[3, 2]) == {"accuracy": 0.5}  # one class id per image
+    assert accuracy.compute(predictions=[[3, 1, 2], [0, 1, 2]], references=[3, 2]) == {"accuracy": 0.5}
+    message = (
+        "top-5 accuracy needs at least 5 ranked class ids per image; the predictions hold 3. Pass k=3 or less, or "
+        "more ranked ids (best first)."
+    )
+    with pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
+        accuracy.compute(predictions=[[3, 1, 2], [0, 1, 2]], references=[3, 2], k=5)
 
 
 def test_trainer_metrics_from_ranked_ids_or_logits():

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from register_adapter import (
     RegisterConfig,
     add_registers,
     from_dinov2_with_registers,
+    saving,
 )
 from register_adapter.saving import SAFETENSORS_ONLY
 from register_adapter.tiny import build_tiny_model
@@ -105,6 +107,30 @@ def test_a_save_that_stops_between_its_moves_leaves_the_previous_adapter(tmp_pat
     reloaded = PeftModel.from_pretrained(classifier(), tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=X).logits, old(pixel_values=X).logits)
+
+
+def test_a_save_killed_while_removing_its_journal_leaves_the_new_adapter_whole(tmp_path, monkeypatch):
+    saved_adapter(tmp_path)
+    new = eight_registers()
+    real_rmtree = shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):
+        kept = os.path.join(path, "files", "adapter_config.json")
+        if os.path.exists(kept):  # every new file is in place; the journal's removal has begun
+            os.remove(kept)
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(saving, "_process_runs", lambda pid: False)  # the saving process is gone
+
+    reloaded = PeftModel.from_pretrained(classifier(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=X).logits, new(pixel_values=X).logits)
+    assert sorted(os.listdir(tmp_path)) == ADAPTER_FILES
 
 
 @pytest.mark.slow  # a fresh Python process imports torch, transformers and peft

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..architectures import find_vision_tower
 from ..tokens import split_tokens
 from ..training.augment import ImageClassificationTransform
 from ..tuner import add_registers
+from .options import check_out, non_negative, positive, report_errors
 
 logger = logging.getLogger("register_adapter.demo")
 
@@ -137,12 +139,21 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``register-adapter demo``: returns an exit status, 2 for bad input (after one ``error:`` line on stderr) and 1
+    when the reloaded adapter does not give the same outputs."""
     parser = argparse.ArgumentParser(prog="register-adapter demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Local path or cached Hub id; default: a built-in tiny ViT.")
-    parser.add_argument("--steps", type=int, default=30, help="Training steps.")
-    parser.add_argument("--num_register_tokens", type=int, default=4, help="Registers to add.")
+    parser.add_argument("--steps", type=non_negative, default=30, help="Training steps.")
+    parser.add_argument("--num_register_tokens", type=positive, default=4, help="Registers to add.")
     parser.add_argument("--out", default=None, help="Where to save the adapter; default: a temporary folder.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = run(args.model, args.steps, args.num_register_tokens, args.out)
-    return 0 if report["reload_max_abs_diff"] == 0.0 else 1
+    reports = []
+
+    def demo(args: argparse.Namespace) -> None:
+        if args.out is not None:
+            check_out(Path(args.out))
+        reports.append(run(args.model, args.steps, args.num_register_tokens, args.out))
+
+    status = report_errors("demo", demo, args)
+    return status or (0 if reports[0]["reload_max_abs_diff"] == 0.0 else 1)

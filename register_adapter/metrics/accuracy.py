@@ -19,10 +19,12 @@ _INPUTS = """
 Args:
     predictions: per image, class ids ranked best first (a list of ints), or one class id.
     references: per image, the label (an int).
-    k: the rank of the top-k accuracy; 1 reports accuracy alone.
+    k: the rank of the top-k accuracy; 1 reports accuracy alone. Default: 5 when the predictions rank at least 5
+        classes, else 1.
 Returns:
     accuracy, and ``top{k}_accuracy`` for k > 1.
 """
+DEFAULT_K = 5
 
 
 def top_k_accuracy(ranked: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
@@ -50,10 +52,19 @@ class TopKAccuracy(evaluate.Metric):
             ],
         )
 
-    def _compute(self, predictions: Sequence, references: Sequence[int], k: int = 5) -> dict[str, float]:
+    def _compute(self, predictions: Sequence, references: Sequence[int], k: int | None = None) -> dict[str, float]:
         ranked = np.asarray(predictions, dtype=np.int64)
         ranked = ranked[:, None] if ranked.ndim == 1 else ranked  # (N, r)
         labels = np.asarray(references, dtype=np.int64)
+        if k is None:
+            k = DEFAULT_K if ranked.shape[1] >= DEFAULT_K else 1
+        if k > ranked.shape[1]:
+            from register_adapter.errors import InvalidConfigError
+
+            raise InvalidConfigError(
+                f"top-{k} accuracy needs at least {k} ranked class ids per image; the predictions hold "
+                f"{ranked.shape[1]}. Pass k={ranked.shape[1]} or less, or more ranked ids (best first)."
+            )
         results = {"accuracy": top_k_accuracy(ranked, labels, 1)}
         if k > 1:
             results[f"top{k}_accuracy"] = top_k_accuracy(ranked, labels, k)

@@ -31,16 +31,21 @@ def choice(choices: tuple[str, ...], help_text: str) -> Any:
     return field(default=choices[0], metadata={"help": help_text, "choices": list(choices)})
 
 
+def model_field(tiny_models: list[str]) -> Any:
+    """The ``--model`` flag, offering the built-in ``tiny_models`` (those the command can run)."""
+    return field(
+        metadata={
+            "help": "Path or Hub id of a pretrained vision transformer (ViT, DeiT, DINOv2, CLIP, ...), or the name of "
+            f"a built-in tiny model for offline runs ({', '.join(tiny_models)})."
+        }
+    )
+
+
 @dataclass
 class ModelArguments:
     """Which model to add registers to."""
 
-    model: str = field(
-        metadata={
-            "help": "Path or Hub id of a pretrained vision transformer (ViT, DeiT, DINOv2, CLIP, ...), or the name of "
-            f"a built-in tiny model for offline runs ({', '.join(supported_tiny_models())})."
-        }
-    )
+    model: str = model_field(supported_tiny_models())
     revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where to cache downloaded models and datasets (default: the HF cache)."}
@@ -122,6 +127,11 @@ class RegisterArguments:
     lora_alpha: int = config_field("lora_alpha")
     lora_dropout: float = config_field("lora_dropout")
     lora_target_modules: list[str] = config_field("lora_target_modules")
+
+    def __post_init__(self) -> None:
+        # Checked as RegisterConfig checks them, when the flags are parsed: a bad value is a usage error, reported
+        # before any data is loaded (InvalidConfigError is a ValueError, which the parser reports).
+        RegisterConfig(**register_config_kwargs(self))
 
 
 @dataclass

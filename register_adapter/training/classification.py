@@ -41,12 +41,14 @@ from ..errors import InvalidConfigError, UnsupportedModelError
 from ..hub import EvalSetting
 from ..loading import check_model, load_model
 from ..sources import BAD_IMAGE_POLICIES, IMAGE_CHECKS, check_choice
+from ..tiny import TINY_MODELS, supported_tiny_models
 from ..tuner import add_registers
 from .arguments import (
     AdapterTrainingArguments,
     ImageDataArguments,
     ModelArguments,
     RegisterArguments,
+    model_field,
     parse_dataclasses,
     register_config_kwargs,
 )
@@ -67,6 +69,18 @@ logger = logging.getLogger(__name__)
 PROG = "register-adapter train"
 # Adapter settings that change the trainable parameters: a checkpoint saved with other values cannot be resumed.
 RESUME_FIELDS = ("num_register_tokens", "lora_r", "lora_target_modules", "modules_to_save")
+
+
+def classification_tiny_models() -> list[str]:
+    """The built-in tiny models that ``register-adapter train`` can train: those with an image-classification class."""
+    return [name for name in supported_tiny_models() if "classification" in TINY_MODELS[name][2]]
+
+
+@dataclass
+class ClassificationModelArguments(ModelArguments):
+    """Which image-classification model to add registers and a new head to."""
+
+    model: str = model_field(classification_tiny_models())
 
 
 @dataclass
@@ -118,10 +132,17 @@ class ClassificationTrainingArguments(AdapterTrainingArguments):
 
 def parse_args(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, ClassificationDataArguments, RegisterArguments, ClassificationTrainingArguments]:
+) -> tuple[
+    ClassificationModelArguments, ClassificationDataArguments, RegisterArguments, ClassificationTrainingArguments
+]:
     """Parse ``register-adapter train`` arguments (or one ``.json``/``.yaml`` file holding them)."""
     return parse_dataclasses(
-        (ModelArguments, ClassificationDataArguments, RegisterArguments, ClassificationTrainingArguments),
+        (
+            ClassificationModelArguments,
+            ClassificationDataArguments,
+            RegisterArguments,
+            ClassificationTrainingArguments,
+        ),
         argv,
         prog=PROG,
         usage="%(prog)s --model MODEL (--train_dir DIR | --dataset_name NAME) --output_dir DIR [options]",

@@ -6,8 +6,6 @@ keeps the ``k`` best class ids per image, so evaluation memory grows with ``k``,
 
 >>> import numpy as np
 >>> from transformers import EvalPrediction
-
-from ..metrics.accuracy import TopKAccuracy
 >>> compute = ClassificationMetrics(num_labels=10)
 >>> ranked = np.array([[3, 1, 2, 0, 4], [0, 1, 2, 3, 4]])  # (N, k) class ids, best first
 >>> compute(EvalPrediction(predictions=ranked, label_ids=np.array([3, 4])))
