@@ -465,3 +465,25 @@ def test_bf16_distillation_on_gpu_keeps_adapter_weights_in_fp32_and_restores(ima
     with torch.no_grad():
         assert torch.equal(restored.eval()(pixel_values=pixels).last_hidden_state,
                            model.eval()(pixel_values=pixels).last_hidden_state)  # fmt: skip
+
+
+def test_cli_bad_input_ends_with_one_error_line_of_the_distill_command_and_exit_2(tmp_path, capsys):
+    from register_adapter.cli.distill import main
+
+    status = main(cli_args(tmp_path / "no-images", tmp_path / "out"))
+    assert (status, capsys.readouterr().err.strip().splitlines()[-1]) == (
+        2,
+        f"register-adapter distill: error: Image path '{tmp_path / 'no-images'}' does not exist.",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_callable_processor_trains_and_checkpoints(images, tmp_path):
+    def processor(images):  # resize to 30x30, scale to [0, 1]
+        return {"pixel_values": [np.asarray(i.convert("RGB").resize((30, 30)), np.float32).transpose(2, 0, 1) / 255
+                                 for i in images]}  # fmt: skip
+
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1,
+                                         per_device_train_batch_size=4, use_cpu=True, report_to="none")  # fmt: skip
+    distill_registers(build_tiny_model("tiny-dinov2"), images, PHRegConfig(num_views=2), args, processor=processor)
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, distill, return an exit status (2 for bad input)."""
-    from ..training.distillation import distill, parse_args
+    from ..training.distillation import PROG, distill, parse_args
     from ..training.runtime import run_command
 
     model_args, data_args, config, training_args = parse_args(argv)
     return run_command(
-        lambda: distill(model_args, data_args, config, training_args), training_args.get_process_log_level()
+        lambda: distill(model_args, data_args, config, training_args), training_args.get_process_log_level(), prog=PROG
     )

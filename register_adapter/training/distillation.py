@@ -74,6 +74,9 @@ class DistillationTrainingArguments(AdapterTrainingArguments):
             )
 
 
+PROG = "register-adapter distill"
+
+
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, ImageDataArguments, PHRegConfig, DistillationTrainingArguments]:
@@ -81,7 +84,7 @@ def parse_args(
     return parse_dataclasses(
         (ModelArguments, ImageDataArguments, PHRegConfig, DistillationTrainingArguments),
         argv,
-        prog="register-adapter distill",
+        prog=PROG,
     )
 
 

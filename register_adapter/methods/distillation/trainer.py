@@ -209,7 +209,9 @@ def distill_registers(
         training_args: ``TrainingArguments``; :class:`~register_adapter.training.distillation.DistillationTrainingArguments`
             holds the paper's optimiser settings. Every flag works: checkpoints, ``resume_from_checkpoint``,
             ``push_to_hub``, ``bf16``, DDP.
-        processor: The model's image processor (default: resize to the model's ``image_size``, mean = std = 0.5).
+        processor: The model's image processor (default: resize to the model's ``image_size``, mean = std = 0.5),
+            or any callable that maps ``images=[PIL images]`` to ``{"pixel_values": ...}``; only one with
+            ``save_pretrained`` is saved with the checkpoints and the adapter.
         data_args: The image column and the image checks (``on_bad_image``, ``image_check``).
         callbacks: ``TrainerCallback`` objects added to the ``Trainer``.
 
@@ -299,7 +301,7 @@ def run_distillation(
         teacher=teacher,
         config=config,
         train_dataset=data,
-        processing_class=processor,
+        processing_class=processor if hasattr(processor, "save_pretrained") else None,  # saved with checkpoints
         callbacks=callbacks,
     )
     if config.cache_targets:
