@@ -253,17 +253,23 @@ class Resize:
         return {"pixel_values": arrays}
 
 
+def assert_refused_before_any_forward_pass(tmp_path, model, images, processor, error, message):
+    """distill_registers with the target cache raises ``error`` with exactly ``message``, before any forward pass and
+    before writing anything."""
+    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to="none")
+    config = PHRegConfig(num_views=2, cache_targets=True, target_cache_dir=str(tmp_path / "cache"))
+    with count_forward_passes() as passes, pytest.raises(error, match=f"^{re.escape(message)}$"):
+        distill_registers(build_tiny_model(model), images, config, args, processor=processor)
+    assert passes.call_count == 0 and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_a_processor_the_cache_cannot_be_keyed_on_is_refused_before_any_forward_pass(images, tmp_path):
     message = (
         "cache_targets keys the target cache on the image processor's settings, but Resize has no to_json_string() to "
         "read them from (transformers image processors have one). Pass a transformers image processor, or leave out "
         "--cache_targets."
     )
-    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to="none")
-    config = PHRegConfig(num_views=2, cache_targets=True, target_cache_dir=str(tmp_path / "cache"))
-    with count_forward_passes() as passes, pytest.raises(InvalidConfigError, match=f"^{re.escape(message)}$"):
-        distill_registers(build_tiny_model("tiny-vit"), images, config, args, processor=Resize())
-    assert passes.call_count == 0 and not (tmp_path / "cache").exists()
+    assert_refused_before_any_forward_pass(tmp_path, "tiny-vit", images, Resize(), InvalidConfigError, message)
 
 
 def test_cache_chunks_are_shared_between_processes(tmp_path, images):
@@ -403,12 +409,8 @@ def test_images_that_would_come_out_at_several_sizes_are_refused_before_any_forw
         "Distillation needs every image on one patch grid. Pass a processor that resizes to a fixed size "
         "(size={'height': H, 'width': W}) or centre-crops (do_center_crop=True with a crop_size)."
     )
-    args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to="none")
-    config = PHRegConfig(num_views=2, cache_targets=True, target_cache_dir=str(tmp_path / "cache"))
-    with count_forward_passes() as passes, pytest.raises(DataError, match=f"^{re.escape(message)}$"):
-        distill_registers(build_tiny_model("tiny-dinov2"), mixed_size_images(tmp_path / "train"), config, args,
-                          processor=ViTImageProcessorPil(do_resize=False))  # fmt: skip
-    assert passes.call_count == 0 and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    images, processor = mixed_size_images(tmp_path / "train"), ViTImageProcessorPil(do_resize=False)
+    assert_refused_before_any_forward_pass(tmp_path, "tiny-dinov2", images, processor, DataError, message)
 
 
 def test_a_processor_that_gives_the_images_one_size_trains_on_them(tmp_path):
@@ -478,12 +480,8 @@ def test_cli_bad_input_ends_with_one_error_line_of_the_distill_command_and_exit_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_plain_callable_processor_trains_and_checkpoints(images, tmp_path):
-    def processor(images):  # resize to 30x30, scale to [0, 1]
-        return {"pixel_values": [np.asarray(i.convert("RGB").resize((30, 30)), np.float32).transpose(2, 0, 1) / 255
-                                 for i in images]}  # fmt: skip
-
+def test_a_processor_without_save_pretrained_trains_and_checkpoints(images, tmp_path):
     args = DistillationTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1,
                                          per_device_train_batch_size=4, use_cpu=True, report_to="none")  # fmt: skip
-    distill_registers(build_tiny_model("tiny-dinov2"), images, PHRegConfig(num_views=2), args, processor=processor)
+    distill_registers(build_tiny_model("tiny-dinov2"), images, PHRegConfig(num_views=2), args, processor=Resize())
     assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,16 +179,16 @@ class ArtifactReport:
 # -- measuring -------------------------------------------------------------------------------------------------------
 
 
-def _token_norms(hidden: torch.Tensor) -> torch.Tensor:
+def token_norms(hidden: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)  # (b, S, D) -> (b, S)
 
 
 @torch.no_grad()
-def block_output_norms(
-    tower: VisionTower, images: Any, *, processor: Any = None, batch_size: int = 8, progress: bool = False
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Token norms at the output of every transformer block, (L, B, S), all tokens (registers included), and the
-    (height, width) of the pixel values.
+def iter_block_norms(
+    tower: VisionTower, images: Any, processor: Any, batch_size: int, progress: bool, desc: str
+) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+    """Per batch of images, the token norms at the output of every transformer block, (L, b, S) on the CPU, all
+    tokens (registers included), and the (height, width) of the pixel values.
 
     Forward hooks on the blocks reduce each output to its norms on the fly, on the model's device; the norms of a
     batch are copied to the CPU once, after its forward pass.
@@ -197,23 +197,30 @@ def block_output_norms(
         DataError: the images do not all have one size after preprocessing (their maps would not share a grid).
     """
     blocks = tower.blocks
-    collected: list[torch.Tensor] = []  # (L, b, S) per batch
     size: tuple[int, int] | None = None
     seen = 0
     count, pixel_values = pixel_batches(images, tower, processor, batch_size)
     with (
-        capture(blocks, reduce=_token_norms) as norms,
+        capture(blocks, reduce=token_norms) as norms,
         eval_mode(tower.module),
-        tqdm(total=count, desc="find_artifacts", unit="img", disable=not progress) as bar,
+        tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar,
     ):
         for batch in pixel_values:
             if size is not None and tuple(batch.shape[-2:]) != size:
                 raise different_sizes_error(seen, batch.shape[-2:], 0, size)
             size, seen = tuple(batch.shape[-2:]), seen + len(batch)
             run_tower(tower, batch)
-            collected.append(torch.stack([norms[block] for block in blocks]).cpu())  # (L, b, S)
+            yield torch.stack([norms[block] for block in blocks]).cpu(), size  # (L, b, S)
             bar.update(len(batch))
-    return torch.cat(collected, dim=1), size  # (L, B, S)
+
+
+def block_output_norms(
+    tower: VisionTower, images: Any, *, processor: Any = None, batch_size: int = 8, progress: bool = False
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Token norms at the output of every transformer block, (L, B, S), all tokens (registers included), and the
+    (height, width) of the pixel values (see :func:`iter_block_norms`)."""
+    batches = list(iter_block_norms(tower, images, processor, batch_size, progress, "find_artifacts"))
+    return torch.cat([norms for norms, _ in batches], dim=1), batches[-1][1]  # (L, B, S)
 
 
 def check_layer(layer: Any, num_layers: int) -> int:

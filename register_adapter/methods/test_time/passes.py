@@ -23,20 +23,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ...architectures import VisionTower, find_vision_tower
+from ...diagnostics.artifacts import iter_block_norms
 from ...diagnostics.norm_stats import NormStats
 from ...errors import UnsupportedModelError
 from ...forward import eval_mode, run_tower
 from ...geometry import patch_grid
 from ...hooks import capture
-from ...pixels import different_sizes_error, pixel_batches
+from ...pixels import pixel_batches
 from ...tuner.config import RegisterConfig
 from ...tuner.model import RegisterModel
 
 _SEARCH_ADAPTER = "register_neuron_search"
-
-
-def _token_norms(hidden: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32)  # (b, S, D) -> (b, S)
 
 
 def _patch_norms(num_patches: int) -> Any:
@@ -59,34 +56,21 @@ class NormPass:
 def norm_statistics(tower: VisionTower, images: Any, processor: Any, batch_size: int, progress: bool) -> NormPass:
     """Pass 1. Raises ``DataError`` for images of different sizes, ``UnsupportedModelError`` for a model that drops
     patches."""
-    blocks = tower.blocks
-    stats = [NormStats() for _ in blocks]
-    size: tuple[int, ...] | None = None
-    seen = 0
-    count, pixel_values = pixel_batches(images, tower, processor, batch_size)
-    with (
-        capture(blocks, reduce=_token_norms) as norms,
-        eval_mode(tower.module),
-        tqdm(total=count, desc="token norms", unit="img", disable=not progress) as bar,
-    ):
-        for batch in pixel_values:
-            if size is not None and tuple(batch.shape[-2:]) != size:
-                raise different_sizes_error(seen, batch.shape[-2:], 0, size)
-            size, seen = tuple(batch.shape[-2:]), seen + len(batch)
-            grid = patch_grid(size, tower.patch_size)
-            num_patches = grid[0] * grid[1]
-            run_tower(tower, batch)
-            tokens = norms[blocks[0]].shape[1] - tower.num_prefix_tokens
-            if tokens != num_patches:
-                raise UnsupportedModelError(
-                    f"{type(tower.module).__name__} returned {tokens} patch tokens for a {grid[0]}x{grid[1]} grid; "
-                    "register neurons are found at fixed patch positions, which models that drop or shuffle patches "
-                    "(ViTMAE's random masking) do not keep from one pass to the next."
-                )
-            patches = torch.stack([norms[block] for block in blocks])[..., -num_patches:].cpu().numpy()  # (L, b, N)
-            for block_stats, block_norms in zip(stats, patches):
-                block_stats.add(block_norms)
-            bar.update(len(batch))
+    stats = [NormStats() for _ in tower.blocks]
+    seen = num_patches = 0
+    for norms, size in iter_block_norms(tower, images, processor, batch_size, progress, "token norms"):
+        grid = patch_grid(size, tower.patch_size)
+        num_patches = grid[0] * grid[1]
+        tokens = norms.shape[-1] - tower.num_prefix_tokens
+        if tokens != num_patches:
+            raise UnsupportedModelError(
+                f"{type(tower.module).__name__} returned {tokens} patch tokens for a {grid[0]}x{grid[1]} grid; "
+                "register neurons are found at fixed patch positions, which models that drop or shuffle patches "
+                "(ViTMAE's random masking) do not keep from one pass to the next."
+            )
+        for block_stats, block_norms in zip(stats, norms[..., -num_patches:].numpy()):  # (b, N) per block
+            block_stats.add(block_norms)
+        seen += norms.shape[1]
     return NormPass(stats, seen, num_patches)
 
 
