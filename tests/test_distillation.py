@@ -235,8 +235,8 @@ def high_norm_share(model: torch.nn.Module, images: torch.Tensor, num_patches: i
     return max(float((n > 5 * n.median()).float().mean()) for n in norms)
 
 
-def distill_planted(folder, family: str = "dinov2", **config) -> tuple[float, float, float, float]:
-    """Distill a model of ``family`` with planted artifacts on 16 scenes (120 steps, target cache); returns the share
+def distill_planted(folder, family: str = "dinov2", steps: int = 200, **config) -> tuple[float, float, float, float]:
+    """Distill a model of ``family`` with planted artifacts on 16 scenes (``steps`` steps, target cache); returns the share
     of patch tokens far from the oracle before and after, and the share of high-norm tokens in the residual stream
     before and after, on 16 other scenes."""
     from register_adapter.testing import make_artifact_model
@@ -253,7 +253,7 @@ def distill_planted(folder, family: str = "dinov2", **config) -> tuple[float, fl
 
     dataset = datasets.Dataset.from_dict({"image": [PIL.Image.fromarray(image) for image in train]})
     args = DistillationTrainingArguments(
-        output_dir=str(folder / "out"), max_steps=120, learning_rate=2e-2, final_learning_rate=1e-3,
+        output_dir=str(folder / "out"), max_steps=steps, learning_rate=2e-2, final_learning_rate=1e-3,
         per_device_train_batch_size=8, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
     config = PHRegConfig(cache_targets=True, target_cache_dir=str(folder / "cache"), **config)
@@ -265,19 +265,20 @@ def distill_planted(folder, family: str = "dinov2", **config) -> tuple[float, fl
 
 
 # The least drop of the share of patch tokens far from the oracle, and of high-norm tokens in the residual stream, after
-# 120 steps (20-40 s each on 2 CPU cores). The proof (both >= 80 %) holds for DINOv2 and SigLIP; the others fall short
-# where docs/distillation.md ("Measured") says why: ViT and I-JEPA reach 80 % on the far share only just (one token
-# of 4096 either way), DINOv2 with registers 76 %, CLIP about 60 % (its denoised teacher is itself 85 % of the way:
-# denoising also removes the position signal that CLIP's pre-norm makes large in plain patches), and DeiT's unlocked
-# last block hides the artifacts behind the final norm instead of stopping them (None: the high-norm share stays).
-PLANTED_DROPS = [("dinov2", 0.8, 0.8), ("siglip", 0.8, 0.8), ("vit", 0.75, 0.8), ("ijepa", 0.75, 0.8),
-                 ("dinov2-with-registers", 0.7, 0.8), ("clip-vision", 0.55, 0.8), ("deit", 0.8, None)]  # fmt: skip
+# 200 steps (15-40 s each on 2 CPU cores; 120 for CLIP, whose high-norm share rises again with more steps). The proof
+# (both >= 80 %) holds for DINOv2, SigLIP, ViT, I-JEPA and DINOv2 with registers; docs/distillation.md ("Measured")
+# says why the other two fall short: CLIP's denoised teacher is itself only 85 % of the way (denoising also removes the
+# position signal that CLIP's pre-norm makes large in plain patches), and DeiT's unlocked last block hides the
+# artifacts behind the final norm instead of stopping them (None: the high-norm share stays).
+PLANTED_DROPS = [("dinov2", 200, 0.8, 0.8), ("siglip", 200, 0.8, 0.8), ("vit", 200, 0.8, 0.8),
+                 ("ijepa", 200, 0.8, 0.8), ("dinov2-with-registers", 200, 0.8, 0.8), ("clip-vision", 120, 0.55, 0.8),
+                 ("deit", 200, 0.8, None)]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "far_drop", "high_drop"), PLANTED_DROPS)
-def test_distillation_removes_planted_artifacts(tmp_path, family, far_drop, high_drop):
-    far_before, far_after, high_before, high_after = distill_planted(tmp_path, family)
+@pytest.mark.parametrize(("family", "steps", "far_drop", "high_drop"), PLANTED_DROPS)
+def test_distillation_removes_planted_artifacts(tmp_path, family, steps, far_drop, high_drop):
+    far_before, far_after, high_before, high_after = distill_planted(tmp_path, family, steps)
     assert (far_before, high_before) > (0.015, 0.015)
     assert far_after <= (1 - far_drop) * far_before
     if high_drop is not None:

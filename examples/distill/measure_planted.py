@@ -12,7 +12,7 @@ after distilling with the settings of the test (16 training scenes, batch 8, ``-
 decaying to 1e-3, target cache). About a minute per family on a 2-core CPU; nothing is downloaded.
 
     python examples/distill/measure_planted.py
-    python examples/distill/measure_planted.py --families dinov2 clip --steps 200
+    python examples/distill/measure_planted.py --families clip clip-vision --steps 120
 """
 
 import argparse
@@ -79,7 +79,7 @@ def measure(family: str, steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=200)
     options = parser.parse_args()
     datasets.disable_progress_bars()
     print("| family | far from oracle: raw | denoised teacher | student | drop | high-norm: before | after | drop |")
