@@ -6,9 +6,9 @@ block that holds some, :class:`RegisterNeuronLayer` wraps the MLP output project
 activation: post-GELU, or the gated product of a SwiGLU MLP) and moves their activation onto the adapter's registers
 before the projection: per image, a register neuron's activation on its register becomes the neuron's maximum over
 the image's tokens, and 0 on every other token. Registers the model has itself (``Dinov2WithRegisters``, DINOv3) are
-left as they are: they neither give nor lose activation. The edit is adapter state rebuilt from the config alone (the neurons
-are config fields), so ``PeftModel.from_pretrained`` restores it, ``disable_adapter()`` skips it and ``unload()`` puts
-the projections back.
+left as they are: they neither give nor lose activation. The edit is adapter state rebuilt from the config alone (the
+neurons are config fields), so ``PeftModel.from_pretrained`` restores it, ``disable_adapter()`` skips it and
+``unload()`` puts the projections back.
 
 >>> import torch
 >>> from register_adapter.tuner.neurons import move_to_registers
@@ -73,10 +73,17 @@ def move_to_registers(
              [0.]]])
     """
     selected = hidden.index_select(-1, units)  # (B, S, K)
+    candidates = selected  # the tokens whose activation is moved: all but the model's own registers
+    if native.stop > native.start:
+        candidates = selected.index_fill(
+            1,
+            torch.arange(native.start, native.stop, device=hidden.device),
+            -torch.inf if mode == "neuron_max" else 0.0,
+        )
     if mode == "neuron_max":
-        peak = selected.index_fill(1, _indices(native, hidden), -torch.inf).amax(dim=1)  # (B, K)
+        peak = candidates.amax(dim=1)  # (B, K)
     else:
-        flat = selected.index_fill(1, _indices(native, hidden), 0.0).flatten(1)  # (B, S * K)
+        flat = candidates.flatten(1)  # (B, S * K)
         peak = flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)).expand(-1, len(units))  # (B, K)
     moved = torch.zeros_like(selected)  # (B, S, K)
     moved[:, :num_kept] = selected[:, :num_kept]
@@ -84,10 +91,6 @@ def move_to_registers(
     moved[:, positions, torch.arange(len(units), device=hidden.device)] = peak
     # A copy (not an in-place edit), so that hooks holding the input still see the activation as the MLP made it.
     return hidden.clone().index_copy_(-1, units, moved)  # (B, S, I)
-
-
-def _indices(tokens: slice, hidden: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens.start, tokens.stop, device=hidden.device)
 
 
 class RegisterNeuronLayer(BaseLayerAttributes, nn.Module, BaseTunerLayer):
