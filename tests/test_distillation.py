@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import re
 
-import datasets
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,11 +15,10 @@ from testing_common import build, make_inputs, planted_model
 from register_adapter import add_registers, find_vision_tower
 from register_adapter.errors import InvalidConfigError, UnsupportedModelError
 from register_adapter.geometry import patch_grid
-from register_adapter.methods.distillation import DenoisedTeacher, PHRegConfig, distill_registers, distillation_loss
+from register_adapter.methods.distillation import DenoisedTeacher, PHRegConfig, distillation_loss
 from register_adapter.methods.distillation.teacher import final_patch_tokens
-from register_adapter.testing import PLANTABLE_FAMILIES, make_object_images
+from register_adapter.testing import PLANTABLE_FAMILIES, distill_planted, make_object_images
 from register_adapter.tiny import build_tiny_model, tiny_image_size
-from register_adapter.training.distillation import DistillationTrainingArguments
 
 # Every family that can be distilled, with the weights its student unlocks by default.
 FAMILIES = ["tiny-vit", "tiny-deit", "tiny-dinov2", "tiny-dinov2-with-registers", "tiny-dinov3", "tiny-clip-vision",
@@ -225,45 +222,6 @@ def test_two_adapters_keep_their_own_copies():
 # the proof on planted artifacts ------------------------------------------------------------------------------------
 
 
-def high_norm_share(model: torch.nn.Module, images: torch.Tensor, num_patches: int) -> float:
-    """The largest share, over the residual stream (every block's output, from the model's own hidden states), of
-    patch tokens whose norm exceeds 5x that layer's median patch norm."""
-    tower = find_vision_tower(model)
-    with torch.no_grad():
-        hidden = tower.module(pixel_values=images, output_hidden_states=True).hidden_states[1:]
-    norms = [state[:, -num_patches:].norm(dim=-1) for state in hidden]
-    return max(float((n > 5 * n.median()).float().mean()) for n in norms)
-
-
-def distill_planted(folder, family: str = "dinov2", steps: int = 200, **config) -> tuple[float, float, float, float]:
-    """Distill a model of ``family`` with planted artifacts on 16 scenes (``steps`` steps, target cache); returns the share
-    of patch tokens far from the oracle before and after, and the share of high-norm tokens in the residual stream
-    before and after, on 16 other scenes."""
-    from register_adapter.testing import make_artifact_model
-
-    planted = make_artifact_model(family)  # a copy of its own: distillation adds the adapter in place
-    train = make_object_images(16, planted.image_size, seed=1).images
-    test = planted.preprocess(make_object_images(16, planted.image_size, seed=2).images)
-    num_patches = (planted.image_size // planted.patch_size) ** 2
-    with torch.no_grad():
-        oracle = final_patch_tokens(find_vision_tower(planted.oracle), test)
-        raw = final_patch_tokens(find_vision_tower(planted.model), test)
-    far_before = float((torch.nn.functional.cosine_similarity(raw, oracle, dim=-1) < 0.5).float().mean())
-    high_before = high_norm_share(planted.model, test, num_patches)
-
-    dataset = datasets.Dataset.from_dict({"image": [PIL.Image.fromarray(image) for image in train]})
-    args = DistillationTrainingArguments(
-        output_dir=str(folder / "out"), max_steps=steps, learning_rate=2e-2, final_learning_rate=1e-3,
-        per_device_train_batch_size=8, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
-    config = PHRegConfig(cache_targets=True, target_cache_dir=str(folder / "cache"), **config)
-    student = distill_registers(planted.model, dataset, config, args, processor=planted.processor)
-    with torch.no_grad():
-        distilled = final_patch_tokens(find_vision_tower(student), test)
-    far_after = float((torch.nn.functional.cosine_similarity(distilled, oracle, dim=-1) < 0.5).float().mean())
-    return far_before, far_after, high_before, high_norm_share(student, test, num_patches)
-
-
 # The least drop of the share of patch tokens far from the oracle, and of high-norm tokens in the residual stream, after
 # 200 steps (15-40 s each on 2 CPU cores; 120 for CLIP, whose high-norm share rises again with more steps). The proof
 # (both >= 80 %) holds for DINOv2, SigLIP, ViT, I-JEPA and DINOv2 with registers; docs/distillation.md ("Measured")
@@ -278,20 +236,20 @@ PLANTED_DROPS = [("dinov2", 200, 0.8, 0.8), ("siglip", 200, 0.8, 0.8), ("vit", 2
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "steps", "far_drop", "high_drop"), PLANTED_DROPS)
 def test_distillation_removes_planted_artifacts(tmp_path, family, steps, far_drop, high_drop):
-    far_before, far_after, high_before, high_after = distill_planted(tmp_path, family, steps)
-    assert (far_before, high_before) > (0.015, 0.015)
-    assert far_after <= (1 - far_drop) * far_before
+    result = distill_planted(family, steps=steps, folder=tmp_path)
+    assert (result.raw_far, result.high_before) > (0.015, 0.015)
+    assert result.far_drop >= far_drop
     if high_drop is not None:
-        assert high_after <= (1 - high_drop) * high_before
+        assert result.high_drop >= high_drop
 
 
 @pytest.mark.slow
 def test_distilling_the_raw_teacher_keeps_the_planted_artifacts(tmp_path):
     # The control: one view is the raw model, artifacts included. The same training then removes neither the
     # features far from the oracle nor most high-norm tokens: the denoised targets do the work.
-    far_before, far_after, high_before, high_after = distill_planted(tmp_path, num_views=1)
-    assert far_after >= far_before
-    assert high_after >= 0.4 * high_before
+    result = distill_planted(folder=tmp_path, num_views=1)
+    assert result.student_far >= result.raw_far
+    assert result.high_after >= 0.4 * result.high_before
 
 
 # bad input ---------------------------------------------------------------------------------------------------------
